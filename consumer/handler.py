@@ -1,0 +1,224 @@
+"""The `Handler` base class users subclass, and the `Context` it is handed.
+
+A handler declares what it consumes and writes its effects through
+``context.connection``, which is inside the transaction that also records the
+message as processed and advances the partition's position::
+
+    class QuakeHandler(Handler[dict]):
+        topics = ["quakes"]
+        group_id = "quake-store"
+
+        def idempotency_key(self, message):
+            return message.payload["event_id"]
+
+        async def handle(self, message, context):
+            await context.connection.execute("insert ... on conflict ...", ...)
+
+A `BatchHandler` receives every new message of a batch in one call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+import asyncpg
+import pydantic
+
+from consumer import errors
+from consumer.message import Message, RawMessage, decoded_as
+from consumer.retry import RetryPolicy
+
+__all__ = ["BatchHandler", "Context", "Handler", "load_handler"]
+
+PayloadT = TypeVar("PayloadT")
+
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+MAX_KEY_LENGTH = 512
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler call gets besides its message.
+
+    `connection` is inside the batch transaction: every statement run through
+    it commits or rolls back together with the dedup record and the position.
+    Do not commit, roll back or start another transaction on it.
+    """
+
+    connection: asyncpg.Connection
+    group_id: str
+    dedup_scope: str
+    attempt: int
+    logger: logging.Logger
+
+
+class Handler(Generic[PayloadT]):
+    """Base class of a message handler: subclass it and override `handle`.
+
+    Class attributes:
+
+    - `topics`: the topics to consume (required, non-empty).
+    - `group_id`: the Kafka consumer group (required).
+    - `dedup_scope`: where dedup records and positions are kept; defaults to
+      the group id. Give two deployments the same scope to dedup each other.
+    - `payload_model`: a pydantic model the JSON value is validated into.
+      Without one, `payload_format` chooses JSON (``dict``/``list``), text or
+      raw bytes.
+    - `retry`: the `RetryPolicy`; None takes the worker settings.
+    - `migrations`: a folder of numbered ``.sql`` files for the handler's
+      own tables, applied by ``consumer migrate --handler``.
+    """
+
+    topics: ClassVar[Sequence[str]] = ()
+    group_id: ClassVar[str] = ""
+    dedup_scope: ClassVar[str | None] = None
+    payload_model: ClassVar[type[pydantic.BaseModel] | None] = None
+    payload_format: ClassVar[Literal["json", "text", "bytes"]] = "json"
+    retry: ClassVar[RetryPolicy | None] = None
+    migrations: ClassVar[Path | None] = None
+
+    def decode(self, raw: RawMessage) -> Any:
+        """Turn the raw value into the payload; raise `errors.DecodeError` when it cannot be done.
+
+        A null value (a tombstone) decodes to None without validation.
+        """
+        if raw.value is None:
+            return None
+        if self.payload_model is not None:
+            return _validate(self.payload_model, raw.value)
+        if self.payload_format == "bytes":
+            return raw.value
+        try:
+            text = raw.value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise errors.DecodeError(f"value is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        if self.payload_format == "text":
+            return text
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise errors.DecodeError(f"value is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+
+    def idempotency_key(self, message: Message[PayloadT]) -> str | None:
+        """Return the key this message is deduplicated on, or None to dedup by position only.
+
+        The default is the ``Idempotency-Key`` header when present. Override it
+        to derive the key from the payload, such as an event id.
+        """
+        header = message.header(IDEMPOTENCY_KEY_HEADER)
+        if header is None:
+            return None
+        try:
+            return header.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise errors.DecodeError(f"{IDEMPOTENCY_KEY_HEADER} header is not UTF-8") from exc
+
+    async def handle(self, message: Message[PayloadT], context: Context) -> None:
+        """Apply one message's effects through ``context.connection``."""
+        raise NotImplementedError(f"{type(self).__name__}.handle is not implemented; override it")
+
+    @classmethod
+    def name(cls) -> str:
+        """Return the import path of the class, as stored in dead letters."""
+        return f"{cls.__module__}:{cls.__qualname__}"
+
+    @classmethod
+    def validate_declaration(cls) -> None:
+        """Reject an unusable class at start-up rather than at the first message."""
+        if isinstance(cls.topics, str):
+            raise errors.HandlerRegistrationError(
+                f"{cls.name()}.topics is the string {cls.topics!r}; write it as a list: [{cls.topics!r}]"
+            )
+        if not cls.topics or not all(isinstance(topic, str) and topic for topic in cls.topics):
+            raise errors.HandlerRegistrationError(
+                f"{cls.name()}.topics is empty; list the topics to consume, e.g. topics = ['orders']"
+            )
+        if len(set(cls.topics)) != len(cls.topics):
+            raise errors.HandlerRegistrationError(f"{cls.name()}.topics lists a topic twice: {list(cls.topics)}")
+        if not cls.group_id:
+            raise errors.HandlerRegistrationError(
+                f"{cls.name()}.group_id is empty; set the consumer group, e.g. group_id = 'orders-ledger'"
+            )
+        if cls.payload_format not in ("json", "text", "bytes"):
+            raise errors.HandlerRegistrationError(
+                f"{cls.name()}.payload_format={cls.payload_format!r} is invalid; use 'json', 'text' or 'bytes'"
+            )
+
+
+class BatchHandler(Handler[PayloadT]):
+    """A handler that receives every new message of a batch in one call.
+
+    If the call raises, the batch is rolled back and its messages are applied
+    one at a time through `handle_batch` with a single message, so that a
+    failing message is retried and dead-lettered on its own.
+    """
+
+    async def handle_batch(self, messages: Sequence[Message[PayloadT]], context: Context) -> None:
+        """Apply the effects of `messages` (in offset order, duplicates removed)."""
+        raise NotImplementedError(f"{type(self).__name__}.handle_batch is not implemented; override it")
+
+    async def handle(self, message: Message[PayloadT], context: Context) -> None:
+        await self.handle_batch([message], context)
+
+
+def build_message(handler: Handler[Any], raw: RawMessage) -> Message[Any]:
+    """Decode `raw` and derive its idempotency key; raise `errors.DecodeError` on bad input."""
+    payload = handler.decode(raw)
+    provisional = decoded_as(raw, payload, None)
+    key = handler.idempotency_key(provisional)
+    if key is not None:
+        if not isinstance(key, str) or not key:
+            raise errors.DecodeError(
+                f"{type(handler).__name__}.idempotency_key returned {key!r}; it must return a non-empty str or None",
+                reason="validation",
+            )
+        if len(key) > MAX_KEY_LENGTH:
+            raise errors.DecodeError(
+                f"idempotency key is {len(key)} characters long; the maximum is {MAX_KEY_LENGTH}",
+                reason="validation",
+            )
+    return decoded_as(raw, payload, key)
+
+
+def load_handler(path: str) -> type[Handler[Any]]:
+    """Import ``module:ClassName`` and check that it is a usable `Handler` subclass."""
+    import importlib
+
+    module_name, _, class_name = path.partition(":")
+    if not module_name or not class_name:
+        raise errors.HandlerRegistrationError(
+            f"handler {path!r} is not in the form module:ClassName, e.g. my_app.handlers:OrderHandler"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise errors.HandlerRegistrationError(
+            f"cannot import module {module_name!r} of handler {path!r}: {exc}; check PYTHONPATH and the spelling"
+        ) from exc
+    handler_class = getattr(module, class_name, None)
+    if not isinstance(handler_class, type) or not issubclass(handler_class, Handler):
+        raise errors.HandlerRegistrationError(
+            f"{path!r} is not a subclass of consumer.Handler; point at the handler class"
+        )
+    handler_class.validate_declaration()
+    return handler_class
+
+
+def _validate(model: type[pydantic.BaseModel], value: bytes) -> pydantic.BaseModel:
+    try:
+        return model.model_validate_json(value)
+    except pydantic.ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise errors.DecodeError(f"value is not valid JSON: {first['msg']}", reason="decode") from exc
+        location = ".".join(str(part) for part in first["loc"]) or "(root)"
+        raise errors.DecodeError(
+            f"value does not match {model.__name__}: {location}: {first['msg']}"
+            f" ({exc.error_count()} error(s))",
+            reason="validation",
+        ) from exc

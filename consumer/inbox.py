@@ -1,0 +1,487 @@
+"""The exactly-once contract: one PostgreSQL transaction per batch of one partition.
+
+This docstring is the reference for what the framework guarantees. The same
+text, with examples, is in docs/guarantees.md.
+
+For each batch fetched from one partition, `apply_batch` runs one
+transaction that:
+
+1. locks the partition's row in ``positions`` (keyed by dedup scope, topic
+   and partition) and skips every message below the stored ``next_offset``.
+   This covers redelivery after a crash, restarts, rebalances and offset
+   resets: a position is applied at most once per dedup scope.
+2. claims each remaining message's idempotency key in ``inbox`` with an
+   insert guarded by the table's primary key (dedup scope, key). A key that
+   is already claimed belongs to a message that was applied, so the handler
+   is not called. If the claim belongs to a transaction still in flight (the
+   same key arriving on another partition at the same time), the insert waits
+   for it: when that one commits, this message is a duplicate; when it rolls
+   back, this transaction takes the claim and applies the message.
+3. calls the handler for the rest, in offset order, on the same connection.
+   When a handler raises, the batch is redone with a savepoint per message,
+   so only the failing message's effects are rolled back.
+4. writes a dead letter (raw key, value and headers, position, attempts and
+   errors) for a message that cannot be applied, then moves past it.
+5. advances ``next_offset`` past everything handled and commits. Only after
+   the commit does the worker commit the Kafka offset. Kafka's committed
+   offset is a mirror for tooling; PostgreSQL is the source of truth, and on
+   assignment the worker seeks to the stored position.
+
+Consequences, and the limits of the promise:
+
+- Effects written through ``context.connection`` are applied exactly once per
+  idempotency key (or per position, for messages without a key), whatever
+  the failure: a crash before the commit rolls everything back, and a crash
+  after it leaves a position and claims that make redelivery a no-op.
+- A worker that lost its partition in a rebalance but still runs (a zombie)
+  cannot apply a message twice: its transaction waits on the position row
+  lock held by the new owner, then sees the advanced position.
+- A key's claim is released again if the transaction stops before reaching
+  its message (a retry or a shutdown), so the message is applied later.
+- Effects outside this database (HTTP calls, e-mails, other databases) are
+  not covered: a retry repeats them. Their handlers must be idempotent on
+  their own.
+- Key deduplication lasts as long as the ``inbox`` row; position
+  deduplication lasts as long as the ``positions`` row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import asyncpg
+
+from consumer import errors
+from consumer.handler import BatchHandler, Context, Handler, build_message
+from consumer.message import Message, RawMessage
+from consumer.retry import ErrorClass, RetryPolicy, classify
+
+__all__ = [
+    "AttemptRecord",
+    "BatchOutcome",
+    "BatchSpec",
+    "DeadLetterWriteError",
+    "RetryWithSavepoints",
+    "apply_batch",
+]
+
+logger = logging.getLogger(__name__)
+
+# The commit at the end of a batch runs shielded from cancellation, so a
+# shutdown cannot cut it in half; this bounds how long it may take.
+COMMIT_TIMEOUT_S = 30.0
+_TRACEBACK_LIMIT = 8000
+
+
+class DeadLetterWriteError(errors.InfrastructureError):
+    """A dead letter could not be written; the partition stops before the failed message until it can."""
+
+
+class RetryWithSavepoints(Exception):
+    """A handler failed in the fast path; the transaction was rolled back to be redone with savepoints."""
+
+    def __init__(self, offset: int, exc: BaseException) -> None:
+        super().__init__(f"handler failed at offset {offset}")
+        self.offset = offset
+        self.error = exc
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """Failed attempts of one message, kept by the partition's processor between transactions."""
+
+    count: int = 0
+    first_error_type: str = ""
+    first_error: str = ""
+    last_error_type: str = ""
+    last_error: str = ""
+    traceback: str = ""
+
+    def add(self, exc: BaseException) -> None:
+        error_type = type(exc).__name__
+        message = str(exc) or error_type
+        if self.count == 0:
+            self.first_error_type, self.first_error = error_type, message
+        self.last_error_type, self.last_error = error_type, message
+        self.traceback = "".join(traceback.format_exception(exc))[-_TRACEBACK_LIMIT:]
+        self.count += 1
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """Everything `apply_batch` needs besides the messages."""
+
+    handler: Handler[Any]
+    queries: Any
+    dedup_scope: str
+    group_id: str
+    policy: RetryPolicy
+    handler_timeout_s: float | None
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """What one committed batch transaction did."""
+
+    # Stored position after the commit: the offset of the next message to apply.
+    next_offset: int
+    applied: int = 0
+    position_duplicates: int = 0
+    key_duplicates: int = 0
+    dead_lettered: int = 0
+    # Offset where the transaction stopped before the end of the batch, for a
+    # retry after a backoff (`failure` set) or a shutdown (`failure` None).
+    stopped_at: int | None = None
+    failure: BaseException | None = None
+    handler_calls: int = 0
+    dead_letter_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Item:
+    raw: RawMessage
+    message: Message[Any] | None = None
+    decode_error: errors.DecodeError | None = None
+    build_error: BaseException | None = None
+    duplicate: bool = False
+    claimed: bool = False
+
+
+async def apply_batch(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    raws: Sequence[RawMessage],
+    attempts: dict[int, AttemptRecord],
+    *,
+    savepoints: bool,
+    should_stop: Callable[[], bool],
+) -> BatchOutcome:
+    """Apply `raws` (one partition, ascending offsets) in one transaction, as the module docstring describes.
+
+    Raises `RetryWithSavepoints` when a handler fails and `savepoints` is
+    False; the transaction is rolled back and the failure recorded in
+    `attempts`. Any other exception leaves the connection unusable: the
+    caller must discard it, and the batch is retried.
+    """
+    first = raws[0]
+    transaction = connection.transaction()
+    await transaction.start()
+    next_offset = await _lock_position(connection, spec, first)
+    items = [_Item(raw) for raw in raws if raw.offset >= next_offset]
+    outcome = BatchOutcome(next_offset=next_offset, position_duplicates=len(raws) - len(items))
+
+    if items:
+        _decode(spec.handler, items)
+        await _claim(connection, spec, items, outcome)
+        try:
+            await _run(connection, spec, items, attempts, outcome, savepoints=savepoints, should_stop=should_stop)
+        except RetryWithSavepoints:
+            with anyio.CancelScope(shield=True):
+                await transaction.rollback()
+            raise
+        outcome.next_offset = outcome.stopped_at if outcome.stopped_at is not None else raws[-1].offset + 1
+
+    with anyio.CancelScope(shield=True), anyio.fail_after(COMMIT_TIMEOUT_S):
+        if outcome.next_offset != next_offset or outcome.position_duplicates:
+            await connection.execute(
+                spec.queries.advance_position,
+                spec.dedup_scope,
+                first.topic,
+                first.partition,
+                outcome.next_offset,
+                spec.group_id,
+                outcome.applied,
+                outcome.position_duplicates,
+                outcome.key_duplicates,
+                outcome.dead_lettered,
+            )
+        await transaction.commit()
+    return outcome
+
+
+async def _lock_position(connection: asyncpg.Connection, spec: BatchSpec, first: RawMessage) -> int:
+    args = (spec.dedup_scope, first.topic, first.partition)
+    stored: int | None = await connection.fetchval(spec.queries.lock_position, *args)
+    if stored is None:
+        await connection.execute(spec.queries.create_position, *args, first.offset, spec.group_id)
+        stored = await connection.fetchval(spec.queries.lock_position, *args)
+        assert stored is not None
+    return stored
+
+
+def _decode(handler: Handler[Any], items: list[_Item]) -> None:
+    for item in items:
+        try:
+            item.message = build_message(handler, item.raw)
+        except errors.DecodeError as exc:
+            item.decode_error = exc
+        except Exception as exc:  # noqa: BLE001 - a bug in a user's decode or key function is a failed attempt
+            item.build_error = exc
+
+
+async def _claim(connection: asyncpg.Connection, spec: BatchSpec, items: list[_Item], outcome: BatchOutcome) -> None:
+    """Claim the keys of keyed messages; mark the rest of a key's copies as duplicates."""
+    seen: set[str] = set()
+    to_claim: list[_Item] = []
+    for item in items:
+        message = item.message
+        if message is None or not message.keyed:
+            continue
+        if message.idempotency_key in seen:
+            item.duplicate = True
+            continue
+        seen.add(message.idempotency_key)
+        to_claim.append(item)
+    if to_claim:
+        keys = [item.message.idempotency_key for item in to_claim if item.message]
+        rows = await connection.fetch(
+            spec.queries.claim_keys,
+            spec.dedup_scope,
+            items[0].raw.topic,
+            items[0].raw.partition,
+            keys,
+            [item.raw.offset for item in to_claim],
+            [item.raw.fingerprint() for item in to_claim],
+        )
+        claimed = {row["idempotency_key"] for row in rows}
+        for item in to_claim:
+            assert item.message is not None
+            item.claimed = item.message.idempotency_key in claimed
+            item.duplicate = not item.claimed
+    outcome.key_duplicates = sum(1 for item in items if item.duplicate)
+
+
+async def _run(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    items: list[_Item],
+    attempts: dict[int, AttemptRecord],
+    outcome: BatchOutcome,
+    *,
+    savepoints: bool,
+    should_stop: Callable[[], bool],
+) -> None:
+    if not savepoints and isinstance(spec.handler, BatchHandler):
+        await _run_whole_batch(connection, spec, items, attempts, outcome)
+        return
+    for index, item in enumerate(items):
+        if should_stop():
+            await _stop_at(connection, spec, items, index, outcome, failure=None)
+            return
+        if item.duplicate:
+            continue
+        if item.decode_error is not None:
+            record = AttemptRecord()
+            record.add(item.decode_error)
+            await _dead_letter(connection, spec, item, record, item.decode_error.reason, outcome)
+            continue
+        failure = await _run_one(connection, spec, item, attempts, outcome, savepoints=savepoints)
+        if failure is not None:
+            await _stop_at(connection, spec, items, index, outcome, failure=failure)
+            return
+
+
+async def _run_whole_batch(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    items: list[_Item],
+    attempts: dict[int, AttemptRecord],
+    outcome: BatchOutcome,
+) -> None:
+    handler = spec.handler
+    assert isinstance(handler, BatchHandler)
+    for item in items:
+        if item.decode_error is not None:
+            record = AttemptRecord()
+            record.add(item.decode_error)
+            await _dead_letter(connection, spec, item, record, item.decode_error.reason, outcome)
+    runnable = [item for item in items if not item.duplicate and item.decode_error is None]
+    broken = next((item for item in runnable if item.build_error is not None), None)
+    if broken is not None:
+        assert broken.build_error is not None
+        attempts.setdefault(broken.raw.offset, AttemptRecord()).add(broken.build_error)
+        raise RetryWithSavepoints(broken.raw.offset, broken.build_error)
+    messages = [item.message for item in runnable if item.message is not None]
+    if not messages:
+        return
+    context = _context(connection, spec, attempt=1)
+    try:
+        outcome.handler_calls += 1
+        with anyio.fail_after(spec.handler_timeout_s) if spec.handler_timeout_s else contextlib.nullcontext():
+            await handler.handle_batch(messages, context)
+    except Exception as exc:
+        if classify(exc, spec.policy) is ErrorClass.INFRASTRUCTURE:
+            raise
+        # Which message failed is unknown: each gets the attempt, so a poison
+        # message is not retried more often than the policy allows.
+        for message in messages:
+            attempts.setdefault(message.offset, AttemptRecord()).add(exc)
+        raise RetryWithSavepoints(messages[0].offset, exc) from exc
+    outcome.applied += len(messages)
+
+
+async def _run_one(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    item: _Item,
+    attempts: dict[int, AttemptRecord],
+    outcome: BatchOutcome,
+    *,
+    savepoints: bool,
+) -> BaseException | None:
+    """Run the handler for one message; return the failure when the message must be retried later."""
+    offset = item.raw.offset
+    record = attempts.get(offset)
+    if record is not None and record.count >= spec.policy.max_attempts:
+        # Attempts were used up before, but the dead letter was not committed
+        # (its write failed or the worker restarted mid-way): write it now
+        # instead of calling the handler again.
+        await _dead_letter(connection, spec, item, record, _reason(record), outcome)
+        return None
+
+    attempt = (record.count if record else 0) + 1
+    try:
+        if item.build_error is not None:
+            raise item.build_error
+        assert item.message is not None
+        context = _context(connection, spec, attempt=attempt)
+        outcome.handler_calls += 1
+        if savepoints:
+            async with connection.transaction():
+                await _call_handler(spec, item.message, context)
+        else:
+            await _call_handler(spec, item.message, context)
+    except Exception as exc:
+        error_class = classify(exc, spec.policy)
+        if error_class is ErrorClass.INFRASTRUCTURE:
+            raise
+        record = attempts.setdefault(offset, AttemptRecord())
+        record.add(exc)
+        if not savepoints:
+            raise RetryWithSavepoints(offset, exc) from exc
+        if error_class is ErrorClass.PERMANENT or record.count >= spec.policy.max_attempts:
+            await _dead_letter(connection, spec, item, record, _reason_for(exc, error_class), outcome)
+            return None
+        return exc
+    outcome.applied += 1
+    attempts.pop(offset, None)
+    return None
+
+
+async def _call_handler(spec: BatchSpec, message: Message[Any], context: Context) -> None:
+    if spec.handler_timeout_s is None:
+        await spec.handler.handle(message, context)
+        return
+    with anyio.fail_after(spec.handler_timeout_s):
+        await spec.handler.handle(message, context)
+
+
+async def _stop_at(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    items: list[_Item],
+    index: int,
+    outcome: BatchOutcome,
+    *,
+    failure: BaseException | None,
+) -> None:
+    """End the transaction before ``items[index]``: give back the claims of the messages not reached."""
+    outcome.stopped_at = items[index].raw.offset
+    outcome.failure = failure
+    rest = items[index:]
+    released = [item.message.idempotency_key for item in rest if item.claimed and item.message is not None]
+    if released:
+        await connection.execute(spec.queries.release_keys, spec.dedup_scope, released)
+    outcome.key_duplicates -= sum(1 for item in rest if item.duplicate)
+
+
+async def _dead_letter(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    item: _Item,
+    record: AttemptRecord,
+    reason: str,
+    outcome: BatchOutcome,
+) -> None:
+    raw = item.raw
+    key = item.message.idempotency_key if item.message is not None else None
+    try:
+        await connection.execute(
+            spec.queries.insert_dead_letter,
+            spec.dedup_scope,
+            spec.group_id,
+            spec.handler.name(),
+            raw.topic,
+            raw.partition,
+            raw.offset,
+            raw.timestamp_ms,
+            key,
+            raw.key,
+            raw.value,
+            [name for name, _ in raw.headers],
+            [value for _, value in raw.headers],
+            reason,
+            max(record.count, 1),
+            record.first_error_type,
+            record.first_error,
+            record.last_error_type,
+            record.last_error,
+            record.traceback,
+        )
+        if item.claimed and key is not None:
+            await connection.execute(spec.queries.mark_key_dead_lettered, spec.dedup_scope, key)
+    except asyncpg.PostgresError as exc:
+        raise DeadLetterWriteError(
+            f"cannot write the dead letter for {raw.position}: {type(exc).__name__}: {exc}; "
+            "the partition stays at this message until the dead_letters table is writable again"
+        ) from exc
+    outcome.dead_lettered += 1
+    outcome.dead_letter_reasons.append(reason)
+    logger.error(
+        "message dead-lettered after %d attempt(s): %s: %s",
+        max(record.count, 1),
+        record.last_error_type,
+        record.last_error,
+        extra={
+            "action": "message_dead_lettered",
+            "group_id": spec.group_id,
+            "topic": raw.topic,
+            "partition": raw.partition,
+            "offset": raw.offset,
+            "handler": spec.handler.name(),
+            "attempt": record.count,
+            "reason": reason,
+        },
+    )
+
+
+def _context(connection: asyncpg.Connection, spec: BatchSpec, *, attempt: int) -> Context:
+    return Context(
+        connection=connection,
+        group_id=spec.group_id,
+        dedup_scope=spec.dedup_scope,
+        attempt=attempt,
+        logger=logging.getLogger(type(spec.handler).__module__),
+    )
+
+
+def _reason_for(exc: BaseException, error_class: ErrorClass) -> str:
+    if isinstance(exc, errors.DecodeError):
+        return exc.reason
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if error_class is ErrorClass.PERMANENT:
+        return "permanent"
+    return "handler_error"
+
+
+def _reason(record: AttemptRecord) -> str:
+    if record.last_error_type == "TimeoutError":
+        return "timeout"
+    return "handler_error"

@@ -1,0 +1,271 @@
+"""One processor per assigned partition: applies its batches in order, retries, and reports progress.
+
+The fetch loop hands each partition's records to its processor and keeps
+polling, so a slow handler never keeps the member from polling (and so from
+staying in the group). A processor owns the retry state of its partition:
+a failed message blocks the partition, while other partitions go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import asyncpg
+
+from consumer import inbox, retry
+from consumer.inbox import AttemptRecord, BatchOutcome, BatchSpec, RetryWithSavepoints
+from consumer.message import RawMessage
+from consumer.stats import Stats
+
+__all__ = ["PartitionProcessor", "ProcessorHooks"]
+
+logger = logging.getLogger(__name__)
+
+# Infrastructure retries back off from this delay up to the cap, in seconds.
+_INFRA_BACKOFF_S = 0.2
+_INFRA_BACKOFF_MAX_S = 10.0
+# After this many consecutive infrastructure failures the partition is
+# reported as halted until one batch commits again.
+_HALT_AFTER_FAILURES = 3
+_ACQUIRE_TIMEOUT_S = 30.0
+
+
+@dataclass(slots=True)
+class ProcessorHooks:
+    """Callbacks from a processor to its worker."""
+
+    # Called after each committed batch with (topic, partition, stored next offset).
+    committed: Callable[[str, int, int], None]
+    # Called when the stored position is ahead of what was fetched: seek there.
+    seek: Callable[[str, int, int], None]
+    # Called when the backlog is small enough to fetch more for this partition.
+    resume: Callable[[str, int], None]
+
+
+class PartitionProcessor:
+    """Applies one partition's messages, in offset order, through `inbox.apply_batch`."""
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        *,
+        pool: asyncpg.Pool,
+        spec: BatchSpec,
+        max_batch_size: int,
+        hooks: ProcessorHooks,
+        stats: Stats,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self._pool = pool
+        self._spec = spec
+        self._max_batch_size = max_batch_size
+        self._hooks = hooks
+        self._stats = stats
+        self._pending: deque[RawMessage] = deque()
+        self._wakeup = anyio.Event()
+        self._stop_requested = False
+        self._stop_event = anyio.Event()
+        self._done = anyio.Event()
+        self._scope: anyio.CancelScope | None = None
+        self._attempts: dict[int, AttemptRecord] = {}
+        self._rng = random.Random()
+        self.halted_reason: str | None = None
+        self.last_committed_at: float | None = None
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    def submit(self, records: list[RawMessage]) -> None:
+        """Queue fetched records; they must follow the ones queued before."""
+        self._pending.extend(records)
+        self._wakeup.set()
+
+    def request_stop(self) -> None:
+        """Finish the message in flight, commit what is done, and end."""
+        self._stop_requested = True
+        self._stop_event.set()
+        self._wakeup.set()
+
+    def cancel(self) -> None:
+        """Abandon the message in flight: its transaction is rolled back and it will be redelivered."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def wait_done(self, timeout_s: float) -> bool:
+        """Wait until the processor has ended; return False on timeout."""
+        with anyio.move_on_after(timeout_s):
+            await self._done.wait()
+            return True
+        return False
+
+    async def run(self) -> None:
+        try:
+            with anyio.CancelScope() as self._scope:
+                while not self._stop_requested:
+                    if not self._pending:
+                        self._wakeup = anyio.Event()
+                        self._hooks.resume(self.topic, self.partition)
+                        await self._wakeup.wait()
+                        continue
+                    batch = [self._pending.popleft() for _ in range(min(self._max_batch_size, len(self._pending)))]
+                    await self._apply(batch)
+        finally:
+            self._done.set()
+
+    async def _apply(self, batch: list[RawMessage]) -> None:
+        """Apply `batch` until every message is done or a stop is requested."""
+        savepoints = False
+        infra_failures = 0
+        while batch and not self._stop_requested:
+            try:
+                outcome = await self._transaction(batch, savepoints=savepoints)
+            except RetryWithSavepoints as signal:
+                # The fast path failed on one message: redo the batch with a
+                # savepoint per message, after the backoff of its attempt.
+                savepoints = True
+                await self._back_off_after_failure(signal.offset, signal.error)
+                continue
+            except Exception as exc:
+                if not retry.is_infrastructure(exc):
+                    raise
+                infra_failures += 1
+                await self._back_off_infrastructure(exc, infra_failures)
+                continue
+
+            infra_failures = 0
+            self.halted_reason = None
+            self._record(outcome)
+            self._hooks.committed(self.topic, self.partition, outcome.next_offset)
+            if outcome.stopped_at is None:
+                if outcome.next_offset > batch[-1].offset + 1:
+                    self._skip_to(outcome.next_offset)
+                return
+            batch = [raw for raw in batch if raw.offset >= outcome.stopped_at]
+            if outcome.failure is not None:
+                await self._back_off_after_failure(outcome.stopped_at, outcome.failure)
+
+    async def _transaction(self, batch: list[RawMessage], *, savepoints: bool) -> BatchOutcome:
+        connection = await self._pool.acquire(timeout=_ACQUIRE_TIMEOUT_S)
+        clean = False
+        try:
+            outcome = await inbox.apply_batch(
+                connection,
+                self._spec,
+                batch,
+                self._attempts,
+                savepoints=savepoints,
+                should_stop=lambda: self._stop_requested,
+            )
+            clean = True
+            return outcome
+        except RetryWithSavepoints:
+            clean = True
+            raise
+        finally:
+            if not clean:
+                # The transaction may still be open on the server (cancelled
+                # mid-statement or mid-BEGIN). Closing the socket is the only
+                # way to be sure it is rolled back and never reused.
+                connection.terminate()
+            with anyio.CancelScope(shield=True):
+                await self._pool.release(connection)
+
+    def _record(self, outcome: BatchOutcome) -> None:
+        stats = self._stats
+        stats.batches += 1
+        stats.applied += outcome.applied
+        stats.position_duplicates += outcome.position_duplicates
+        stats.key_duplicates += outcome.key_duplicates
+        stats.dead_lettered += outcome.dead_lettered
+        stats.handler_calls += outcome.handler_calls
+        stats.dead_letter_reasons.update(outcome.dead_letter_reasons)
+        self.last_committed_at = anyio.current_time()
+        logger.debug(
+            "batch committed",
+            extra={
+                "action": "batch_committed",
+                "topic": self.topic,
+                "partition": self.partition,
+                "offset": outcome.next_offset,
+                "applied": outcome.applied,
+                "key_duplicates": outcome.key_duplicates,
+                "position_duplicates": outcome.position_duplicates,
+            },
+        )
+
+    def _skip_to(self, next_offset: int) -> None:
+        """Drop queued records below the stored position and fetch from there."""
+        while self._pending and self._pending[0].offset < next_offset:
+            self._pending.popleft()
+        if not self._pending:
+            self._hooks.seek(self.topic, self.partition, next_offset)
+
+    async def _back_off_after_failure(self, offset: int, error: BaseException) -> None:
+        record = self._attempts.get(offset)
+        attempt = record.count if record else 1
+        delay = self._spec.policy.backoff_s(attempt, rng=self._rng)
+        self._stats.retries += 1
+        logger.warning(
+            "handler failed on attempt %d of %d, retrying in %.2fs: %s: %s",
+            attempt,
+            self._spec.policy.max_attempts,
+            delay,
+            type(error).__name__,
+            error,
+            extra={
+                "action": "message_retry_scheduled",
+                "topic": self.topic,
+                "partition": self.partition,
+                "offset": offset,
+                "attempt": attempt,
+                "handler": self._spec.handler.name(),
+            },
+        )
+        await self._sleep(delay)
+
+    async def _back_off_infrastructure(self, error: BaseException, failures: int) -> None:
+        delay = min(_INFRA_BACKOFF_MAX_S, _INFRA_BACKOFF_S * 2 ** (failures - 1))
+        delay = delay / 2 + self._rng.uniform(0, delay / 2)
+        self._stats.infrastructure_retries += 1
+        if failures >= _HALT_AFTER_FAILURES:
+            self.halted_reason = f"{type(error).__name__}: {error}"
+        log = logger.error if isinstance(error, inbox.DeadLetterWriteError) else logger.warning
+        # One line per failure streak length that is a power of two keeps a
+        # long outage from flooding the log.
+        if failures & (failures - 1) == 0:
+            log(
+                "batch transaction failed (%d in a row), retrying in %.2fs: %s: %s",
+                failures,
+                delay,
+                type(error).__name__,
+                error,
+                extra={
+                    "action": "batch_retry_scheduled",
+                    "topic": self.topic,
+                    "partition": self.partition,
+                    "attempt": failures,
+                },
+            )
+        await self._sleep(delay)
+
+    async def _sleep(self, delay: float) -> None:
+        """Sleep for `delay` seconds, or less if a stop is requested meanwhile."""
+        with anyio.move_on_after(delay):
+            await self._stop_event.wait()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "backlog": self.backlog,
+            "halted": self.halted_reason,
+        }

@@ -1,0 +1,421 @@
+"""The worker: group membership, the fetch loop, one processor per partition, and shutdown.
+
+Tasks run in one anyio task group: the fetch loop, the partition processors,
+the Kafka commit mirror and, when enabled, the health server. If any of them
+fails, the task group cancels the others and `Worker.run` raises that error,
+so a worker never runs half-alive.
+
+Shutdown (`stop`, called on SIGTERM or SIGINT): stop fetching, let each
+processor finish the message in flight and commit, up to
+``worker.shutdown_timeout_s``, cancel what is still running (its transaction
+rolls back and the message is redelivered later), mirror the positions to
+Kafka, leave the group, and log one summary line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+
+from consumer import db, errors, kafka, retry
+from consumer.handler import Handler
+from consumer.inbox import BatchSpec
+from consumer.message import RawMessage
+from consumer.processor import PartitionProcessor, ProcessorHooks
+from consumer.retry import RetryPolicy
+from consumer.settings import Settings
+from consumer.stats import Stats
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger(__name__)
+
+# How often stored positions are mirrored to Kafka's committed offsets, in seconds.
+KAFKA_COMMIT_INTERVAL_S = 1.0
+_POSITION_READ_ATTEMPTS = 5
+
+
+class Worker:
+    """Consumes the handler's topics and applies each message exactly once."""
+
+    def __init__(self, handler: Handler[Any], settings: Settings) -> None:
+        type(handler).validate_declaration()
+        self.handler = handler
+        self.settings = settings
+        self.group_id = settings.kafka.group_id or handler.group_id
+        self.topics = list(settings.kafka.topics or handler.topics)
+        self.dedup_scope = settings.dedup_scope or handler.dedup_scope or self.group_id
+        self.policy = handler.retry or RetryPolicy(
+            max_attempts=settings.worker.max_attempts,
+            initial_backoff_s=settings.worker.retry_backoff_s,
+            max_backoff_s=settings.worker.retry_backoff_max_s,
+        )
+        self.stats = Stats()
+        self._processors: dict[TopicPartition, PartitionProcessor] = {}
+        self._mirror: dict[TopicPartition, int] = {}
+        self._stop_event = anyio.Event()
+        self._stopping = False
+        self._fatal: BaseException | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._spec: BatchSpec | None = None
+        self.started = False
+        self.last_poll_at: float | None = None
+
+    # -- lifecycle -------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown; calling it again has no further effect."""
+        if not self._stopping:
+            self._stopping = True
+            logger.info("stopping", extra={"action": "worker_stopping", "group_id": self.group_id})
+        self._stop_event.set()
+
+    async def run(self) -> None:
+        """Consume until `stop` is called; raise the error that ended the worker, if any."""
+        settings = self.settings
+        self._pool = await db.create_pool(settings.postgres)
+        queries = db.load_queries("inbox.sql", settings.postgres.schema_name)
+        self._spec = BatchSpec(
+            handler=self.handler,
+            queries=queries,
+            dedup_scope=self.dedup_scope,
+            group_id=self.group_id,
+            policy=self.policy,
+            handler_timeout_s=settings.worker.handler_timeout_s,
+        )
+        self._consumer = kafka.consumer(settings.kafka, self.group_id)
+        try:
+            await self._start_consumer()
+            self._log_started()
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                self._consumer.subscribe(self.topics, listener=_Rebalance(self))
+                fetch_scope = anyio.CancelScope()
+                task_group.start_soon(self._fetch_loop, fetch_scope)
+                task_group.start_soon(self._mirror_loop)
+                self.started = True
+                await self._stop_event.wait()
+                fetch_scope.cancel()
+                await self._drain()
+                task_group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close()
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _start_consumer(self) -> None:
+        assert self._consumer is not None
+        try:
+            await self._consumer.start()
+        except KafkaError as exc:
+            await self._close()
+            raise errors.InfrastructureError(
+                f"cannot connect to Kafka at {','.join(self.settings.kafka.bootstrap_servers)}: "
+                f"{type(exc).__name__}: {exc}; check CONSUMER_KAFKA__BOOTSTRAP_SERVERS and the security settings"
+            ) from exc
+
+    def _log_started(self) -> None:
+        logger.info(
+            "worker started: group %s, topics %s, dedup scope %s, auto_offset_reset=%s, enable_auto_commit=False",
+            self.group_id,
+            ",".join(self.topics),
+            self.dedup_scope,
+            self.settings.kafka.auto_offset_reset,
+            extra={
+                "action": "worker_started",
+                "group_id": self.group_id,
+                "handler": self.handler.name(),
+                "dedup_scope": self.dedup_scope,
+                "auto_offset_reset": self.settings.kafka.auto_offset_reset,
+                "enable_auto_commit": False,
+                "max_attempts": self.policy.max_attempts,
+            },
+        )
+
+    async def _drain(self) -> None:
+        """Let in-flight messages finish up to the shutdown timeout, then cancel the rest."""
+        processors = list(self._processors.values())
+        for processor in processors:
+            processor.request_stop()
+        timeout_s = self.settings.worker.shutdown_timeout_s
+        deadline = time.monotonic() + timeout_s
+        unfinished = []
+        for processor in processors:
+            if not await processor.wait_done(max(deadline - time.monotonic(), 0.0)):
+                unfinished.append(processor)
+        for processor in unfinished:
+            processor.cancel()
+        for processor in unfinished:
+            await processor.wait_done(5.0)
+        if unfinished:
+            logger.warning(
+                "shutdown timeout of %.1fs reached: %d partition(s) rolled back their message in flight",
+                timeout_s,
+                len(unfinished),
+                extra={"action": "shutdown_timeout", "group_id": self.group_id},
+            )
+        await self._commit_mirror()
+
+    async def _close(self) -> None:
+        if self._consumer is not None:
+            try:
+                await self._consumer.stop()
+            except KafkaError as exc:
+                logger.warning(
+                    "leaving the group failed: %s", exc, extra={"action": "group_leave_failed", "group_id": self.group_id}
+                )
+            self._consumer = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self.started:
+            self.started = False
+            logger.info(
+                "worker stopped: %s",
+                " ".join(f"{name}={value}" for name, value in self.stats.summary().items()),
+                extra={"action": "worker_stopped", "group_id": self.group_id, **self.stats.summary()},
+            )
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._fatal is None:
+            self._fatal = exc
+        self.stop()
+
+    # -- fetching ---------------------------------------------------------
+
+    async def _fetch_loop(self, scope: anyio.CancelScope) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        poll_timeout_ms = int(self.settings.worker.poll_timeout_s * 1000)
+        max_records = self.settings.kafka.fetch_max_records
+        # A partition is paused while its backlog holds two batches, which
+        # bounds memory and still lets the next batch be fetched during the
+        # current one.
+        backlog_limit = 2 * self.settings.worker.max_batch_size
+        with scope:
+            while True:
+                fetched = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=max_records)
+                self.last_poll_at = time.monotonic()
+                for tp, records in fetched.items():
+                    processor = self._processors.get(tp)
+                    if processor is None:
+                        continue
+                    processor.submit([_raw(record) for record in records])
+                    self.stats.fetched += len(records)
+                    if processor.backlog >= backlog_limit:
+                        consumer.pause(tp)
+
+    def _resume(self, topic: str, partition: int) -> None:
+        consumer = self._consumer
+        tp = TopicPartition(topic, partition)
+        if consumer is not None and tp in consumer.assignment() and tp in consumer.paused():
+            consumer.resume(tp)
+
+    def _seek(self, topic: str, partition: int, offset: int) -> None:
+        consumer = self._consumer
+        tp = TopicPartition(topic, partition)
+        if consumer is not None and tp in consumer.assignment():
+            consumer.seek(tp, offset)
+
+    # -- Kafka offset mirror ---------------------------------------------
+
+    def _committed(self, topic: str, partition: int, next_offset: int) -> None:
+        self._mirror[TopicPartition(topic, partition)] = next_offset
+
+    async def _mirror_loop(self) -> None:
+        while True:
+            await anyio.sleep(KAFKA_COMMIT_INTERVAL_S)
+            await self._commit_mirror()
+
+    async def _commit_mirror(self, only: Iterable[TopicPartition] | None = None) -> None:
+        """Commit stored positions to Kafka for tooling; a failure is logged and retried next time."""
+        consumer = self._consumer
+        if consumer is None or not self._mirror:
+            return
+        wanted = set(only) if only is not None else set(self._mirror)
+        owned = consumer.assignment()
+        offsets = {tp: offset for tp, offset in self._mirror.items() if tp in wanted and tp in owned}
+        for tp in wanted:
+            self._mirror.pop(tp, None)
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (KafkaError, AssertionError) as exc:
+            # PostgreSQL already holds these positions; Kafka's copy only
+            # feeds lag tools, so a lost partition's commit is simply dropped.
+            self.stats.kafka_commit_failures += 1
+            logger.info(
+                "kafka offset commit skipped: %s: %s",
+                type(exc).__name__,
+                exc,
+                extra={"action": "kafka_commit_skipped", "group_id": self.group_id},
+            )
+
+    # -- rebalancing ------------------------------------------------------
+
+    async def _assign(self, assigned: set[TopicPartition]) -> None:
+        consumer = self._consumer
+        task_group = self._task_group
+        if consumer is None or task_group is None or self._stopping:
+            return
+        self.stats.rebalances += 1
+        new = sorted((tp for tp in assigned if tp not in self._processors), key=lambda tp: (tp.topic, tp.partition))
+        if not new:
+            return
+        consumer.pause(*new)
+        try:
+            stored = await self._read_positions()
+            await self._position_partitions(new, stored)
+        except Exception as exc:
+            logger.exception(
+                "cannot position assigned partitions", extra={"action": "assignment_failed", "group_id": self.group_id}
+            )
+            self._fail(exc)
+            return
+        for tp in new:
+            processor = self._make_processor(tp)
+            self._processors[tp] = processor
+            task_group.start_soon(processor.run)
+        logger.info(
+            "partitions assigned: %s",
+            ", ".join(f"{tp.topic}-{tp.partition}" for tp in new),
+            extra={"action": "partitions_assigned", "group_id": self.group_id},
+        )
+
+    async def _read_positions(self) -> dict[TopicPartition, int]:
+        assert self._pool is not None and self._spec is not None
+        for attempt in range(1, _POSITION_READ_ATTEMPTS + 1):
+            try:
+                rows = await self._pool.fetch(self._spec.queries.read_positions, self.dedup_scope, self.topics)
+            except Exception as exc:
+                if not retry.is_infrastructure(exc) or attempt == _POSITION_READ_ATTEMPTS:
+                    raise
+                await anyio.sleep(0.5 * attempt)
+                continue
+            return {TopicPartition(row["topic"], row["partition"]): row["next_offset"] for row in rows}
+        raise AssertionError("unreachable")
+
+    async def _position_partitions(self, new: list[TopicPartition], stored: dict[TopicPartition, int]) -> None:
+        """Seek each new partition to its stored position; report a position the log no longer holds."""
+        consumer = self._consumer
+        assert consumer is not None
+        known = [tp for tp in new if tp in stored]
+        log_start = await consumer.beginning_offsets(known) if known else {}
+        for tp in new:
+            if tp not in stored:
+                logger.info(
+                    "no stored position for %s-%d: starting from the group's Kafka offset, else auto_offset_reset=%s",
+                    tp.topic,
+                    tp.partition,
+                    self.settings.kafka.auto_offset_reset,
+                    extra={"action": "partition_position_default", "topic": tp.topic, "partition": tp.partition},
+                )
+                continue
+            position = stored[tp]
+            first = log_start.get(tp, 0)
+            if position < first:
+                lost = first - position
+                self.stats.offsets_lost += lost
+                logger.error(
+                    "offsets %d to %d of %s-%d were deleted before they were applied (%d messages lost); "
+                    "continuing from the log start %d",
+                    position,
+                    first - 1,
+                    tp.topic,
+                    tp.partition,
+                    lost,
+                    first,
+                    extra={"action": "offsets_lost", "topic": tp.topic, "partition": tp.partition, "offset": position},
+                )
+                position = first
+            consumer.seek(tp, position)
+
+    def _make_processor(self, tp: TopicPartition) -> PartitionProcessor:
+        assert self._pool is not None and self._spec is not None
+        hooks = ProcessorHooks(committed=self._committed, seek=self._seek, resume=self._resume)
+        return PartitionProcessor(
+            tp.topic,
+            tp.partition,
+            pool=self._pool,
+            spec=self._spec,
+            max_batch_size=self.settings.worker.max_batch_size,
+            hooks=hooks,
+            stats=self.stats,
+        )
+
+    async def _revoke(self, revoked: set[TopicPartition]) -> None:
+        """Stop the revoked partitions' processors before the group moves them, keeping their progress."""
+        processors = [(tp, self._processors[tp]) for tp in revoked if tp in self._processors]
+        for _, processor in processors:
+            processor.request_stop()
+        timeout_s = self.settings.worker.revoke_timeout_s
+        deadline = time.monotonic() + timeout_s
+        for tp, processor in processors:
+            if not await processor.wait_done(max(deadline - time.monotonic(), 0.0)):
+                logger.warning(
+                    "%s-%d did not finish its message within %.1fs of the revocation; rolling it back",
+                    tp.topic,
+                    tp.partition,
+                    timeout_s,
+                    extra={"action": "revoke_timeout", "topic": tp.topic, "partition": tp.partition},
+                )
+                processor.cancel()
+                await processor.wait_done(5.0)
+        await self._commit_mirror(only=[tp for tp, _ in processors])
+        for tp, _ in processors:
+            del self._processors[tp]
+        if processors:
+            logger.info(
+                "partitions revoked: %s",
+                ", ".join(f"{tp.topic}-{tp.partition}" for tp, _ in processors),
+                extra={"action": "partitions_revoked", "group_id": self.group_id},
+            )
+
+    # -- health -------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """Return the state probes and `status` read: membership, partitions, halts."""
+        processors = list(self._processors.values())
+        return {
+            "started": self.started,
+            "stopping": self._stopping,
+            "group_id": self.group_id,
+            "assigned": [f"{p.topic}-{p.partition}" for p in processors],
+            "halted": {f"{p.topic}-{p.partition}": p.halted_reason for p in processors if p.halted_reason},
+            "last_poll_at": self.last_poll_at,
+        }
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._worker._revoke(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._worker._assign(set(assigned))
+
+
+def _raw(record: ConsumerRecord[bytes, bytes]) -> RawMessage:
+    return RawMessage(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=tuple((name, value) for name, value in record.headers),
+        timestamp_ms=record.timestamp,
+    )
