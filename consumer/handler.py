@@ -218,7 +218,6 @@ def _validate(model: type[pydantic.BaseModel], value: bytes) -> pydantic.BaseMod
             raise errors.DecodeError(f"value is not valid JSON: {first['msg']}", reason="decode") from exc
         location = ".".join(str(part) for part in first["loc"]) or "(root)"
         raise errors.DecodeError(
-            f"value does not match {model.__name__}: {location}: {first['msg']}"
-            f" ({exc.error_count()} error(s))",
+            f"value does not match {model.__name__}: {location}: {first['msg']} ({exc.error_count()} error(s))",
             reason="validation",
         ) from exc

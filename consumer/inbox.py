@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,8 @@ class BatchSpec:
     group_id: str
     policy: RetryPolicy
     handler_timeout_s: float | None
+    # Receives the topic and the duration of each handler call, in seconds.
+    observe_handler: Callable[[str, float], None] | None = None
 
 
 @dataclass(slots=True)
@@ -131,6 +134,8 @@ class BatchOutcome:
 
     # Stored position after the commit: the offset of the next message to apply.
     next_offset: int
+    # Stored position when the transaction locked the row.
+    previous_offset: int
     applied: int = 0
     position_duplicates: int = 0
     key_duplicates: int = 0
@@ -174,7 +179,9 @@ async def apply_batch(
     await transaction.start()
     next_offset = await _lock_position(connection, spec, first)
     items = [_Item(raw) for raw in raws if raw.offset >= next_offset]
-    outcome = BatchOutcome(next_offset=next_offset, position_duplicates=len(raws) - len(items))
+    outcome = BatchOutcome(
+        next_offset=next_offset, previous_offset=next_offset, position_duplicates=len(raws) - len(items)
+    )
 
     if items:
         _decode(spec.handler, items)
@@ -221,7 +228,7 @@ def _decode(handler: Handler[Any], items: list[_Item]) -> None:
             item.message = build_message(handler, item.raw)
         except errors.DecodeError as exc:
             item.decode_error = exc
-        except Exception as exc:  # noqa: BLE001 - a bug in a user's decode or key function is a failed attempt
+        except Exception as exc:  # A bug in a user's decode or key function counts as a failed attempt.
             item.build_error = exc
 
 
@@ -375,11 +382,16 @@ async def _run_one(
 
 
 async def _call_handler(spec: BatchSpec, message: Message[Any], context: Context) -> None:
-    if spec.handler_timeout_s is None:
-        await spec.handler.handle(message, context)
-        return
-    with anyio.fail_after(spec.handler_timeout_s):
-        await spec.handler.handle(message, context)
+    started = time.perf_counter()
+    try:
+        if spec.handler_timeout_s is None:
+            await spec.handler.handle(message, context)
+        else:
+            with anyio.fail_after(spec.handler_timeout_s):
+                await spec.handler.handle(message, context)
+    finally:
+        if spec.observe_handler is not None:
+            spec.observe_handler(message.topic, time.perf_counter() - started)
 
 
 async def _stop_at(

@@ -49,12 +49,13 @@ def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
                 f"CONSUMER_KAFKA__{name.upper()}={path} does not exist; mount the file or fix the path"
             )
     password = settings.ssl_key_password.get_secret_value() if settings.ssl_key_password else None
-    return create_ssl_context(
+    context: ssl.SSLContext = create_ssl_context(
         cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
         certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         password=password,
     )
+    return context
 
 
 def consumer(settings: KafkaSettings, group_id: str | None, **overrides: Any) -> AIOKafkaConsumer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import asyncpg
 from consumer import inbox, retry
 from consumer.inbox import AttemptRecord, BatchOutcome, BatchSpec, RetryWithSavepoints
 from consumer.message import RawMessage
+from consumer.metrics import Metrics
 from consumer.stats import Stats
 
 __all__ = ["PartitionProcessor", "ProcessorHooks"]
@@ -61,6 +63,7 @@ class PartitionProcessor:
         max_batch_size: int,
         hooks: ProcessorHooks,
         stats: Stats,
+        metrics: Metrics,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -69,6 +72,11 @@ class PartitionProcessor:
         self._max_batch_size = max_batch_size
         self._hooks = hooks
         self._stats = stats
+        self._metrics = metrics
+        self._labels = (metrics.group_id, topic)
+        # Stored position after this processor's last commit; a stored
+        # position that moved on without us means another worker got there.
+        self._last_committed: int | None = None
         self._pending: deque[RawMessage] = deque()
         self._wakeup = anyio.Event()
         self._stop_requested = False
@@ -79,6 +87,11 @@ class PartitionProcessor:
         self._rng = random.Random()
         self.halted_reason: str | None = None
         self.last_committed_at: float | None = None
+
+    @property
+    def stored_position(self) -> int | None:
+        """Stored position after this processor's last commit, if it committed yet."""
+        return self._last_committed
 
     @property
     def backlog(self) -> int:
@@ -156,6 +169,7 @@ class PartitionProcessor:
     async def _transaction(self, batch: list[RawMessage], *, savepoints: bool) -> BatchOutcome:
         connection = await self._pool.acquire(timeout=_ACQUIRE_TIMEOUT_S)
         clean = False
+        started = time.perf_counter()
         try:
             outcome = await inbox.apply_batch(
                 connection,
@@ -166,6 +180,8 @@ class PartitionProcessor:
                 should_stop=lambda: self._stop_requested,
             )
             clean = True
+            self._metrics.transaction_duration.labels(*self._labels).observe(time.perf_counter() - started)
+            self._metrics.batch_size.labels(*self._labels).observe(len(batch))
             return outcome
         except RetryWithSavepoints:
             clean = True
@@ -188,7 +204,19 @@ class PartitionProcessor:
         stats.dead_lettered += outcome.dead_lettered
         stats.handler_calls += outcome.handler_calls
         stats.dead_letter_reasons.update(outcome.dead_letter_reasons)
-        self.last_committed_at = anyio.current_time()
+        self.last_committed_at = time.time()
+        metrics, labels = self._metrics, self._labels
+        if outcome.applied:
+            metrics.messages_processed.labels(*labels).inc(outcome.applied)
+        if outcome.key_duplicates:
+            metrics.duplicates_skipped.labels(*labels, "key").inc(outcome.key_duplicates)
+        if outcome.position_duplicates:
+            fenced = self._last_committed is not None and outcome.previous_offset != self._last_committed
+            cause = "fenced" if fenced else "position"
+            metrics.duplicates_skipped.labels(*labels, cause).inc(outcome.position_duplicates)
+        for reason in outcome.dead_letter_reasons:
+            metrics.dead_letters.labels(*labels, reason).inc()
+        self._last_committed = outcome.next_offset
         logger.debug(
             "batch committed",
             extra={
@@ -214,6 +242,7 @@ class PartitionProcessor:
         attempt = record.count if record else 1
         delay = self._spec.policy.backoff_s(attempt, rng=self._rng)
         self._stats.retries += 1
+        self._metrics.retries.labels(*self._labels, "handler").inc()
         logger.warning(
             "handler failed on attempt %d of %d, retrying in %.2fs: %s: %s",
             attempt,
@@ -236,6 +265,7 @@ class PartitionProcessor:
         delay = min(_INFRA_BACKOFF_MAX_S, _INFRA_BACKOFF_S * 2 ** (failures - 1))
         delay = delay / 2 + self._rng.uniform(0, delay / 2)
         self._stats.infrastructure_retries += 1
+        self._metrics.retries.labels(*self._labels, "infrastructure").inc()
         if failures >= _HALT_AFTER_FAILURES:
             self.halted_reason = f"{type(error).__name__}: {error}"
         log = logger.error if isinstance(error, inbox.DeadLetterWriteError) else logger.warning

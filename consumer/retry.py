@@ -55,17 +55,15 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise errors.HandlerRegistrationError(
-                f"max_attempts={self.max_attempts} is invalid; it must be at least 1"
-            )
+            raise errors.HandlerRegistrationError(f"max_attempts={self.max_attempts} is invalid; it must be at least 1")
         if self.initial_backoff_s < 0 or self.max_backoff_s < 0:
             raise errors.HandlerRegistrationError("retry backoff must not be negative")
 
     def backoff_s(self, attempt: int, *, rng: random.Random | None = None) -> float:
         """Return the delay after failed attempt number `attempt` (1-based)."""
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2 ** max(attempt - 1, 0))
-        source = rng or random
-        return ceiling / 2 + source.uniform(0, ceiling / 2)
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2.0 ** max(attempt - 1, 0))
+        jitter: float = (rng or random).uniform(0, ceiling / 2)
+        return ceiling / 2 + jitter
 
 
 def classify(exc: BaseException, policy: RetryPolicy) -> ErrorClass:

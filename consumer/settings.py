@@ -153,9 +153,7 @@ class PostgresSettings(BaseModel):
     @classmethod
     def _schema_is_identifier(cls, value: str) -> str:
         if not _IDENTIFIER.match(value):
-            raise ValueError(
-                f"{value!r} is not a plain lower-case SQL identifier; use letters, digits and underscores"
-            )
+            raise ValueError(f"{value!r} is not a plain lower-case SQL identifier; use letters, digits and underscores")
         return value
 
     @field_validator("dsn")
@@ -196,11 +194,23 @@ class WorkerSettings(BaseModel):
         ),
     )
     handler_timeout_s: float | None = Field(
-        default=None, gt=0, description="Time limit for one handler call, in seconds; a timeout counts as a failed attempt."
+        default=None,
+        gt=0,
+        description="Time limit for one handler call, in seconds; a timeout counts as a failed attempt.",
     )
     max_attempts: int = Field(default=3, ge=1, description="Handler attempts before a message is dead-lettered.")
-    retry_backoff_s: float = Field(default=0.5, ge=0, description="First retry delay, in seconds; doubles each attempt.")
+    retry_backoff_s: float = Field(
+        default=0.5, ge=0, description="First retry delay, in seconds; doubles each attempt."
+    )
     retry_backoff_max_s: float = Field(default=30.0, ge=0, description="Upper bound of the retry delay, in seconds.")
+    kafka_commit_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "How often stored positions are copied to Kafka's committed offsets, in seconds. "
+            "PostgreSQL is the source of truth; Kafka's copy serves lag tools."
+        ),
+    )
     health_port: int | None = Field(
         default=None, ge=0, le=65535, description="Port of the HTTP health and metrics server; unset to turn it off."
     )

@@ -14,6 +14,7 @@ Kafka, leave the group, and log one summary line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from consumer import db, errors, kafka, retry
 from consumer.handler import Handler
 from consumer.inbox import BatchSpec
 from consumer.message import RawMessage
+from consumer.metrics import Metrics
 from consumer.processor import PartitionProcessor, ProcessorHooks
 from consumer.retry import RetryPolicy
 from consumer.settings import Settings
@@ -38,9 +40,8 @@ __all__ = ["Worker"]
 
 logger = logging.getLogger(__name__)
 
-# How often stored positions are mirrored to Kafka's committed offsets, in seconds.
-KAFKA_COMMIT_INTERVAL_S = 1.0
 _POSITION_READ_ATTEMPTS = 5
+_GAUGE_INTERVAL_S = 5.0
 
 
 class Worker:
@@ -59,6 +60,7 @@ class Worker:
             max_backoff_s=settings.worker.retry_backoff_max_s,
         )
         self.stats = Stats()
+        self.metrics = Metrics(self.group_id)
         self._processors: dict[TopicPartition, PartitionProcessor] = {}
         self._mirror: dict[TopicPartition, int] = {}
         self._stop_event = anyio.Event()
@@ -92,6 +94,7 @@ class Worker:
             group_id=self.group_id,
             policy=self.policy,
             handler_timeout_s=settings.worker.handler_timeout_s,
+            observe_handler=self._observe_handler,
         )
         self._consumer = kafka.consumer(settings.kafka, self.group_id)
         try:
@@ -103,6 +106,7 @@ class Worker:
                 fetch_scope = anyio.CancelScope()
                 task_group.start_soon(self._fetch_loop, fetch_scope)
                 task_group.start_soon(self._mirror_loop)
+                task_group.start_soon(self._gauges_loop)
                 self.started = True
                 await self._stop_event.wait()
                 fetch_scope.cancel()
@@ -173,7 +177,9 @@ class Worker:
                 await self._consumer.stop()
             except KafkaError as exc:
                 logger.warning(
-                    "leaving the group failed: %s", exc, extra={"action": "group_leave_failed", "group_id": self.group_id}
+                    "leaving the group failed: %s",
+                    exc,
+                    extra={"action": "group_leave_failed", "group_id": self.group_id},
                 )
             self._consumer = None
         if self._pool is not None:
@@ -186,6 +192,9 @@ class Worker:
                 " ".join(f"{name}={value}" for name, value in self.stats.summary().items()),
                 extra={"action": "worker_stopped", "group_id": self.group_id, **self.stats.summary()},
             )
+
+    def _observe_handler(self, topic: str, duration_s: float) -> None:
+        self.metrics.handler_duration.labels(self.group_id, topic).observe(duration_s)
 
     def _fail(self, exc: BaseException) -> None:
         if self._fatal is None:
@@ -235,7 +244,7 @@ class Worker:
 
     async def _mirror_loop(self) -> None:
         while True:
-            await anyio.sleep(KAFKA_COMMIT_INTERVAL_S)
+            await anyio.sleep(self.settings.worker.kafka_commit_interval_s)
             await self._commit_mirror()
 
     async def _commit_mirror(self, only: Iterable[TopicPartition] | None = None) -> None:
@@ -263,6 +272,28 @@ class Worker:
                 extra={"action": "kafka_commit_skipped", "group_id": self.group_id},
             )
 
+    # -- gauges -------------------------------------------------------------
+
+    async def _gauges_loop(self) -> None:
+        while True:
+            self.update_gauges()
+            await anyio.sleep(_GAUGE_INTERVAL_S)
+
+    def update_gauges(self) -> None:
+        """Refresh assignment, halt and lag gauges from in-memory state; lag uses the last fetch's high watermark."""
+        consumer = self._consumer
+        metrics = self.metrics
+        processors = list(self._processors.items())
+        metrics.assigned_partitions.labels(self.group_id).set(len(processors))
+        metrics.halted_partitions.labels(self.group_id).set(sum(1 for _, p in processors if p.halted_reason))
+        if consumer is None:
+            return
+        for tp, processor in processors:
+            highwater = consumer.highwater(tp)
+            position = processor.stored_position
+            if highwater is not None and position is not None:
+                metrics.lag.labels(self.group_id, tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
     # -- rebalancing ------------------------------------------------------
 
     async def _assign(self, assigned: set[TopicPartition]) -> None:
@@ -271,6 +302,7 @@ class Worker:
         if consumer is None or task_group is None or self._stopping:
             return
         self.stats.rebalances += 1
+        self.metrics.rebalances.labels(self.group_id).inc()
         new = sorted((tp for tp in assigned if tp not in self._processors), key=lambda tp: (tp.topic, tp.partition))
         if not new:
             return
@@ -295,7 +327,8 @@ class Worker:
         )
 
     async def _read_positions(self) -> dict[TopicPartition, int]:
-        assert self._pool is not None and self._spec is not None
+        assert self._pool is not None
+        assert self._spec is not None
         for attempt in range(1, _POSITION_READ_ATTEMPTS + 1):
             try:
                 rows = await self._pool.fetch(self._spec.queries.read_positions, self.dedup_scope, self.topics)
@@ -328,6 +361,7 @@ class Worker:
             if position < first:
                 lost = first - position
                 self.stats.offsets_lost += lost
+                self.metrics.offsets_lost.labels(self.group_id, tp.topic, str(tp.partition)).inc(lost)
                 logger.error(
                     "offsets %d to %d of %s-%d were deleted before they were applied (%d messages lost); "
                     "continuing from the log start %d",
@@ -343,7 +377,8 @@ class Worker:
             consumer.seek(tp, position)
 
     def _make_processor(self, tp: TopicPartition) -> PartitionProcessor:
-        assert self._pool is not None and self._spec is not None
+        assert self._pool is not None
+        assert self._spec is not None
         hooks = ProcessorHooks(committed=self._committed, seek=self._seek, resume=self._resume)
         return PartitionProcessor(
             tp.topic,
@@ -353,6 +388,7 @@ class Worker:
             max_batch_size=self.settings.worker.max_batch_size,
             hooks=hooks,
             stats=self.stats,
+            metrics=self.metrics,
         )
 
     async def _revoke(self, revoked: set[TopicPartition]) -> None:
@@ -376,6 +412,9 @@ class Worker:
         await self._commit_mirror(only=[tp for tp, _ in processors])
         for tp, _ in processors:
             del self._processors[tp]
+            with contextlib.suppress(KeyError):
+                # A partition this worker no longer owns must not report a stale lag.
+                self.metrics.lag.remove(self.group_id, tp.topic, str(tp.partition))
         if processors:
             logger.info(
                 "partitions revoked: %s",

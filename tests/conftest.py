@@ -6,7 +6,8 @@ Environment variables:
   instead of starting an embedded Tansu broker.
 - ``CONSUMER_TEST_DATABASE_URL``: URL of a PostgreSQL user allowed to create
   databases. Without it the suite uses postgres@127.0.0.1:5432 when that
-  server answers, or else starts an embedded PostgreSQL in a temporary folder.
+  server accepts a connection, or else starts an embedded PostgreSQL in a
+  temporary folder.
 
 Async tests run on asyncio through anyio's pytest plugin: mark them with
 ``@pytest.mark.anyio``.

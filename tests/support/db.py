@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import uuid
@@ -18,6 +19,7 @@ __all__ = [
     "DatabaseFactory",
     "create_database",
     "database_exists",
+    "database_name",
     "database_url",
     "drop_database",
     "is_reachable",
@@ -38,7 +40,7 @@ WHERE datname = $1 AND pid <> pg_backend_pid()
 
 
 def unique_database_name(prefix: str = DATABASE_PREFIX) -> str:
-    """Return a database name that no earlier test used."""
+    """Return ``prefix`` followed by a random 64-bit hex suffix, so two tests are very unlikely to share a name."""
     return f"{prefix}{uuid.uuid4().hex[:16]}"
 
 
@@ -47,8 +49,13 @@ def database_url(admin_dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
 
 
+def database_name(url: str) -> str:
+    """Return the database that ``url`` connects to."""
+    return urlsplit(url).path.lstrip("/")
+
+
 async def is_reachable(dsn: str, *, timeout_s: float = 2.0) -> bool:
-    """Return whether a connection to ``dsn`` opens and answers a query within ``timeout_s`` seconds."""
+    """Return whether a connection to ``dsn`` opens and runs a query within ``timeout_s`` seconds."""
     try:
         connection = await asyncpg.connect(dsn, timeout=timeout_s)
     except (OSError, asyncpg.PostgresError):
@@ -72,7 +79,7 @@ async def create_database(admin_dsn: str, name: str) -> str:
 
 
 async def drop_database(admin_dsn: str, name: str, *, timeout_s: float = 10.0) -> None:
-    """Disconnect every session of database ``name``, then drop it; a missing database is no error."""
+    """Disconnect every session of database ``name``, then drop it. A missing database is no error."""
     _check_name(name)
     connection = await asyncpg.connect(admin_dsn)
     try:
@@ -121,8 +128,7 @@ class DatabaseFactory:
     def drop_all(self) -> None:
         """Drop every database this factory created, newest first."""
         while self.created:
-            name = self.created.pop()
-            run_blocking(lambda: drop_database(self.admin_dsn, name))
+            run_blocking(functools.partial(drop_database, self.admin_dsn, self.created.pop()))
 
 
 def _check_name(name: str) -> None:

@@ -51,15 +51,16 @@ class ConsumedRecord:
 
 
 def unique_topic_name(prefix: str = "test") -> str:
-    """Return a topic name that no earlier test used."""
+    """Return ``prefix`` followed by a random 48-bit hex suffix, so two tests are very unlikely to share a topic."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 async def produce(bootstrap_servers: str, topic: str, records: Iterable[Record]) -> list[int]:
     """Send ``records`` in order, one request each, and return their offsets in the same order."""
-    # NOTE: Tansu 0.6 fails InitProducerId, so idempotence is off. Each record
-    # gets its own request because Tansu 0.6 can report a wrong latest offset
-    # (ListOffsets) after a batch of several records.
+    # NOTE: Tansu 0.6 returns UnknownError to InitProducerId, so idempotence is
+    # off. Each record gets its own request because after one batch of five
+    # records at offsets 0 to 4, Tansu 0.6 returned 1 as the latest offset
+    # (ListOffsets) instead of 5.
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, enable_idempotence=False, acks="all")
     await producer.start()
     try:
@@ -86,18 +87,25 @@ async def consume(
     count: int,
     timeout_s: float = 20.0,
     commit: bool = True,
+    session_timeout_s: float = 6.0,
 ) -> list[ConsumedRecord]:
     """Join ``group_id``, read ``count`` records of ``topic`` from the committed or earliest offset, and leave.
 
     Commits the offsets read when ``commit`` is true. Raises AssertionError when
     fewer than ``count`` records arrive within ``timeout_s`` seconds.
     """
+    # NOTE: Tansu 0.6 responds to the first JoinGroup of a new group only after
+    # half the session timeout (measured: 20 s, 10 s and 2 s gave 10 s, 5 s and
+    # 1 s). The default of 6 s is the smallest session timeout that Kafka
+    # accepts by default (group.min.session.timeout.ms).
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap_servers,
         group_id=group_id,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        session_timeout_ms=int(session_timeout_s * 1000),
+        heartbeat_interval_ms=int(session_timeout_s * 1000 / 3),
     )
     await consumer.start()
     try:
@@ -129,9 +137,10 @@ async def fetch_committed(
 
     ``partitions`` is a partition count or the partition numbers to read.
     """
-    # NOTE: the admin client's list_consumer_group_offsets cannot decode Tansu
-    # 0.6's OffsetFetch response, so a consumer that never subscribes (and so
-    # never joins the group) asks instead.
+    # NOTE: aiokafka 0.14's admin list_consumer_group_offsets cannot decode
+    # Tansu 0.6's OffsetFetch response ("unpack requires a buffer of 4 bytes"),
+    # then the connection closes. A consumer that never subscribes, and so never
+    # joins the group, reads the offsets instead.
     numbers = range(partitions) if isinstance(partitions, int) else list(partitions)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False)
     await consumer.start()

