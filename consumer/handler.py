@@ -72,6 +72,16 @@ class Handler(Generic[PayloadT]):
     - `retry`: the `RetryPolicy`; None takes the worker settings.
     - `migrations`: a folder of numbered ``.sql`` files for the handler's
       own tables, applied by ``consumer migrate --handler``.
+    - `failure_mode`: ``block`` (default) keeps the partition at a failing
+      message until it succeeds or is dead-lettered; ``park`` dead-letters it
+      as parked and parks every later message with the same Kafka key behind
+      it, in order, while other keys go on.
+    - `on_key_conflict`: what a key arriving again with a different payload
+      does: ``dead_letter`` (default) with reason ``conflict``, ``log`` a
+      warning and skip it, or treat it as a plain ``duplicate``.
+    - `tombstones`: what a null value does: ``handle`` (payload None),
+      ``skip``, or ``dead_letter``. Unset, it is ``handle`` without a
+      `payload_model` and ``dead_letter`` with one.
     """
 
     topics: ClassVar[Sequence[str]] = ()
@@ -81,6 +91,16 @@ class Handler(Generic[PayloadT]):
     payload_format: ClassVar[Literal["json", "text", "bytes"]] = "json"
     retry: ClassVar[RetryPolicy | None] = None
     migrations: ClassVar[Path | None] = None
+    failure_mode: ClassVar[Literal["block", "park"]] = "block"
+    on_key_conflict: ClassVar[Literal["dead_letter", "log", "duplicate"]] = "dead_letter"
+    tombstones: ClassVar[Literal["handle", "skip", "dead_letter"] | None] = None
+
+    @classmethod
+    def tombstone_policy(cls) -> Literal["handle", "skip", "dead_letter"]:
+        """Return what happens to a null value: by default handled, or dead-lettered when a model is declared."""
+        if cls.tombstones is not None:
+            return cls.tombstones
+        return "dead_letter" if cls.payload_model is not None else "handle"
 
     def decode(self, raw: RawMessage) -> Any:
         """Turn the raw value into the payload; raise `errors.DecodeError` when it cannot be done.
@@ -144,6 +164,16 @@ class Handler(Generic[PayloadT]):
             raise errors.HandlerRegistrationError(
                 f"{cls.name()}.group_id is empty; set the consumer group, e.g. group_id = 'orders-ledger'"
             )
+        choices = {
+            "failure_mode": (cls.failure_mode, ("block", "park")),
+            "on_key_conflict": (cls.on_key_conflict, ("dead_letter", "log", "duplicate")),
+            "tombstones": (cls.tombstones, (None, "handle", "skip", "dead_letter")),
+        }
+        for attribute, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise errors.HandlerRegistrationError(
+                    f"{cls.name()}.{attribute}={value!r} is invalid; use one of {', '.join(map(repr, allowed))}"
+                )
         if cls.payload_format not in ("json", "text", "bytes"):
             raise errors.HandlerRegistrationError(
                 f"{cls.name()}.payload_format={cls.payload_format!r} is invalid; use 'json', 'text' or 'bytes'"

@@ -21,7 +21,11 @@ transaction that:
    When a handler raises, the batch is redone with a savepoint per message,
    so only the failing message's effects are rolled back.
 4. writes a dead letter (raw key, value and headers, position, attempts and
-   errors) for a message that cannot be applied, then moves past it.
+   errors) for a message that cannot be applied, then moves past it. With
+   ``failure_mode = "park"`` the message's Kafka key is parked instead, and
+   later messages with that key are stored behind it until a redrive.
+   A key that arrives again with a different payload (a reused key) is a
+   conflict, handled by the handler's ``on_key_conflict``.
 5. advances ``next_offset`` past everything handled and commits. Only after
    the commit does the worker commit the Kafka offset. Kafka's committed
    offset is a mirror for tooling; PostgreSQL is the source of truth, and on
@@ -58,7 +62,8 @@ from typing import Any
 import anyio
 import asyncpg
 
-from consumer import errors
+from consumer import dead_letters, errors
+from consumer.dead_letters import DeadLetterWriteError, ParkedKeys
 from consumer.handler import BatchHandler, Context, Handler, build_message
 from consumer.message import Message, RawMessage
 from consumer.retry import ErrorClass, RetryPolicy, classify
@@ -78,10 +83,6 @@ logger = logging.getLogger(__name__)
 # shutdown cannot cut it in half; this bounds how long it may take.
 COMMIT_TIMEOUT_S = 30.0
 _TRACEBACK_LIMIT = 8000
-
-
-class DeadLetterWriteError(errors.InfrastructureError):
-    """A dead letter could not be written; the partition stops before the failed message until it can."""
 
 
 class RetryWithSavepoints(Exception):
@@ -113,6 +114,17 @@ class AttemptRecord:
         self.traceback = "".join(traceback.format_exception(exc))[-_TRACEBACK_LIMIT:]
         self.count += 1
 
+    def failure(self, reason: str) -> dead_letters.Failure:
+        return dead_letters.Failure(
+            reason=reason,
+            attempts=self.count,
+            first_error_type=self.first_error_type,
+            first_error=self.first_error,
+            last_error_type=self.last_error_type,
+            last_error=self.last_error,
+            traceback=self.traceback,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class BatchSpec:
@@ -140,6 +152,9 @@ class BatchOutcome:
     position_duplicates: int = 0
     key_duplicates: int = 0
     dead_lettered: int = 0
+    parked: int = 0
+    conflicts: int = 0
+    tombstones_skipped: int = 0
     # Offset where the transaction stopped before the end of the batch, for a
     # retry after a backoff (`failure` set) or a shutdown (`failure` None).
     stopped_at: int | None = None
@@ -155,7 +170,9 @@ class _Item:
     decode_error: errors.DecodeError | None = None
     build_error: BaseException | None = None
     duplicate: bool = False
+    conflict_with: int | None = None
     claimed: bool = False
+    skip_tombstone: bool = False
 
 
 async def apply_batch(
@@ -186,8 +203,18 @@ async def apply_batch(
     if items:
         _decode(spec.handler, items)
         await _claim(connection, spec, items, outcome)
+        parked = await dead_letters.load_parked(
+            connection,
+            spec.queries,
+            spec.dedup_scope,
+            first.topic,
+            [item.raw for item in items],
+            enabled=spec.handler.failure_mode == "park",
+        )
         try:
-            await _run(connection, spec, items, attempts, outcome, savepoints=savepoints, should_stop=should_stop)
+            await _run(
+                connection, spec, items, attempts, outcome, parked, savepoints=savepoints, should_stop=should_stop
+            )
         except RetryWithSavepoints:
             with anyio.CancelScope(shield=True):
                 await transaction.rollback()
@@ -206,7 +233,7 @@ async def apply_batch(
                 outcome.applied,
                 outcome.position_duplicates,
                 outcome.key_duplicates,
-                outcome.dead_lettered,
+                outcome.dead_lettered + outcome.parked,
             )
         await transaction.commit()
     return outcome
@@ -223,45 +250,75 @@ async def _lock_position(connection: asyncpg.Connection, spec: BatchSpec, first:
 
 
 def _decode(handler: Handler[Any], items: list[_Item]) -> None:
+    tombstones = handler.tombstone_policy()
     for item in items:
+        if item.raw.value is None and tombstones != "handle":
+            if tombstones == "skip":
+                item.skip_tombstone = True
+            else:
+                item.decode_error = errors.DecodeError(
+                    "null value (tombstone); set the handler's `tombstones` to 'skip' or 'handle' to accept it",
+                    reason="tombstone",
+                )
+            continue
         try:
             item.message = build_message(handler, item.raw)
         except errors.DecodeError as exc:
             item.decode_error = exc
-        except Exception as exc:  # A bug in a user's decode or key function counts as a failed attempt.
+        except Exception as exc:
+            # A bug in a user's decode or key function counts as a failed attempt.
             item.build_error = exc
 
 
 async def _claim(connection: asyncpg.Connection, spec: BatchSpec, items: list[_Item], outcome: BatchOutcome) -> None:
-    """Claim the keys of keyed messages; mark the rest of a key's copies as duplicates."""
-    seen: set[str] = set()
+    """Claim the keys of keyed messages; mark the other copies of a key as duplicates or conflicts."""
+    first_copy: dict[str, _Item] = {}
     to_claim: list[_Item] = []
     for item in items:
         message = item.message
         if message is None or not message.keyed:
             continue
-        if message.idempotency_key in seen:
+        earlier = first_copy.get(message.idempotency_key)
+        if earlier is not None:
             item.duplicate = True
+            if earlier.raw.fingerprint() != item.raw.fingerprint():
+                item.conflict_with = earlier.raw.offset
             continue
-        seen.add(message.idempotency_key)
+        first_copy[message.idempotency_key] = item
         to_claim.append(item)
     if to_claim:
-        keys = [item.message.idempotency_key for item in to_claim if item.message]
         rows = await connection.fetch(
             spec.queries.claim_keys,
             spec.dedup_scope,
             items[0].raw.topic,
             items[0].raw.partition,
-            keys,
+            [_key(item) for item in to_claim],
             [item.raw.offset for item in to_claim],
             [item.raw.fingerprint() for item in to_claim],
         )
         claimed = {row["idempotency_key"] for row in rows}
         for item in to_claim:
-            assert item.message is not None
-            item.claimed = item.message.idempotency_key in claimed
+            item.claimed = _key(item) in claimed
             item.duplicate = not item.claimed
-    outcome.key_duplicates = sum(1 for item in items if item.duplicate)
+        await _find_conflicts(connection, spec, [item for item in to_claim if item.duplicate])
+    outcome.key_duplicates = sum(1 for item in items if item.duplicate and item.conflict_with is None)
+
+
+async def _find_conflicts(connection: asyncpg.Connection, spec: BatchSpec, duplicates: list[_Item]) -> None:
+    """Mark duplicates whose payload differs from the one their key was first applied with."""
+    if not duplicates or spec.handler.on_key_conflict == "duplicate":
+        return
+    rows = await connection.fetch(spec.queries.stored_fingerprints, spec.dedup_scope, [_key(i) for i in duplicates])
+    stored = {row["idempotency_key"]: bytes(row["fingerprint"]) for row in rows}
+    for item in duplicates:
+        fingerprint = stored.get(_key(item))
+        if fingerprint is not None and fingerprint != item.raw.fingerprint():
+            item.conflict_with = -1
+
+
+def _key(item: _Item) -> str:
+    assert item.message is not None
+    return item.message.idempotency_key
 
 
 async def _run(
@@ -270,28 +327,50 @@ async def _run(
     items: list[_Item],
     attempts: dict[int, AttemptRecord],
     outcome: BatchOutcome,
+    parked: ParkedKeys,
     *,
     savepoints: bool,
     should_stop: Callable[[], bool],
 ) -> None:
     if not savepoints and isinstance(spec.handler, BatchHandler):
-        await _run_whole_batch(connection, spec, items, attempts, outcome)
+        await _run_whole_batch(connection, spec, items, attempts, outcome, parked)
         return
     for index, item in enumerate(items):
         if should_stop():
             await _stop_at(connection, spec, items, index, outcome, failure=None)
             return
-        if item.duplicate:
+        if await _settle_without_handler(connection, spec, item, outcome, parked):
             continue
-        if item.decode_error is not None:
-            record = AttemptRecord()
-            record.add(item.decode_error)
-            await _dead_letter(connection, spec, item, record, item.decode_error.reason, outcome)
-            continue
-        failure = await _run_one(connection, spec, item, attempts, outcome, savepoints=savepoints)
+        failure = await _run_one(connection, spec, item, attempts, outcome, parked, savepoints=savepoints)
         if failure is not None:
             await _stop_at(connection, spec, items, index, outcome, failure=failure)
             return
+
+
+async def _settle_without_handler(
+    connection: asyncpg.Connection, spec: BatchSpec, item: _Item, outcome: BatchOutcome, parked: ParkedKeys
+) -> bool:
+    """Handle an item that needs no handler call (duplicate, conflict, tombstone, bad input, parked key)."""
+    if item.conflict_with is not None:
+        await _conflict(connection, spec, item, outcome)
+        return True
+    if item.duplicate:
+        return True
+    if item.skip_tombstone:
+        outcome.tombstones_skipped += 1
+        return True
+    if item.decode_error is not None:
+        record = AttemptRecord()
+        record.add(item.decode_error)
+        await _give_up(connection, spec, item, record, item.decode_error.reason, outcome, parked)
+        return True
+    if parked.holds(item.raw):
+        record = AttemptRecord()
+        record.add(errors.PermanentError(f"an earlier message with Kafka key {item.raw.key!r} is parked"))
+        record.count = 0
+        await _park(connection, spec, item, record.failure("parked_behind"), outcome)
+        return True
+    return False
 
 
 async def _run_whole_batch(
@@ -300,15 +379,11 @@ async def _run_whole_batch(
     items: list[_Item],
     attempts: dict[int, AttemptRecord],
     outcome: BatchOutcome,
+    parked: ParkedKeys,
 ) -> None:
     handler = spec.handler
     assert isinstance(handler, BatchHandler)
-    for item in items:
-        if item.decode_error is not None:
-            record = AttemptRecord()
-            record.add(item.decode_error)
-            await _dead_letter(connection, spec, item, record, item.decode_error.reason, outcome)
-    runnable = [item for item in items if not item.duplicate and item.decode_error is None]
+    runnable = [item for item in items if not await _settle_without_handler(connection, spec, item, outcome, parked)]
     broken = next((item for item in runnable if item.build_error is not None), None)
     if broken is not None:
         assert broken.build_error is not None
@@ -320,7 +395,8 @@ async def _run_whole_batch(
     context = _context(connection, spec, attempt=1)
     try:
         outcome.handler_calls += 1
-        with anyio.fail_after(spec.handler_timeout_s) if spec.handler_timeout_s else contextlib.nullcontext():
+        timeout = anyio.fail_after(spec.handler_timeout_s) if spec.handler_timeout_s else contextlib.nullcontext()
+        with timeout:
             await handler.handle_batch(messages, context)
     except Exception as exc:
         if classify(exc, spec.policy) is ErrorClass.INFRASTRUCTURE:
@@ -339,6 +415,7 @@ async def _run_one(
     item: _Item,
     attempts: dict[int, AttemptRecord],
     outcome: BatchOutcome,
+    parked: ParkedKeys,
     *,
     savepoints: bool,
 ) -> BaseException | None:
@@ -347,23 +424,14 @@ async def _run_one(
     record = attempts.get(offset)
     if record is not None and record.count >= spec.policy.max_attempts:
         # Attempts were used up before, but the dead letter was not committed
-        # (its write failed or the worker restarted mid-way): write it now
+        # (its write failed or the transaction was lost): write it now
         # instead of calling the handler again.
-        await _dead_letter(connection, spec, item, record, _reason(record), outcome)
+        await _give_up(connection, spec, item, record, _reason(record), outcome, parked)
         return None
 
     attempt = (record.count if record else 0) + 1
     try:
-        if item.build_error is not None:
-            raise item.build_error
-        assert item.message is not None
-        context = _context(connection, spec, attempt=attempt)
-        outcome.handler_calls += 1
-        if savepoints:
-            async with connection.transaction():
-                await _call_handler(spec, item.message, context)
-        else:
-            await _call_handler(spec, item.message, context)
+        await _attempt(connection, spec, item, attempt, savepoints=savepoints, outcome=outcome)
     except Exception as exc:
         error_class = classify(exc, spec.policy)
         if error_class is ErrorClass.INFRASTRUCTURE:
@@ -373,12 +441,32 @@ async def _run_one(
         if not savepoints:
             raise RetryWithSavepoints(offset, exc) from exc
         if error_class is ErrorClass.PERMANENT or record.count >= spec.policy.max_attempts:
-            await _dead_letter(connection, spec, item, record, _reason_for(exc, error_class), outcome)
+            await _give_up(connection, spec, item, record, _reason_for(exc, error_class), outcome, parked)
             return None
         return exc
     outcome.applied += 1
-    attempts.pop(offset, None)
     return None
+
+
+async def _attempt(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    item: _Item,
+    attempt: int,
+    *,
+    savepoints: bool,
+    outcome: BatchOutcome,
+) -> None:
+    if item.build_error is not None:
+        raise item.build_error
+    assert item.message is not None
+    context = _context(connection, spec, attempt=attempt)
+    outcome.handler_calls += 1
+    if savepoints:
+        async with connection.transaction():
+            await _call_handler(spec, item.message, context)
+    else:
+        await _call_handler(spec, item.message, context)
 
 
 async def _call_handler(spec: BatchSpec, message: Message[Any], context: Context) -> None:
@@ -407,70 +495,91 @@ async def _stop_at(
     outcome.stopped_at = items[index].raw.offset
     outcome.failure = failure
     rest = items[index:]
-    released = [item.message.idempotency_key for item in rest if item.claimed and item.message is not None]
+    released = [_key(item) for item in rest if item.claimed]
     if released:
         await connection.execute(spec.queries.release_keys, spec.dedup_scope, released)
-    outcome.key_duplicates -= sum(1 for item in rest if item.duplicate)
+    outcome.key_duplicates -= sum(1 for item in rest if item.duplicate and item.conflict_with is None)
 
 
-async def _dead_letter(
+async def _give_up(
     connection: asyncpg.Connection,
     spec: BatchSpec,
     item: _Item,
     record: AttemptRecord,
     reason: str,
     outcome: BatchOutcome,
+    parked: ParkedKeys,
 ) -> None:
-    raw = item.raw
-    key = item.message.idempotency_key if item.message is not None else None
-    try:
-        await connection.execute(
-            spec.queries.insert_dead_letter,
-            spec.dedup_scope,
-            spec.group_id,
-            spec.handler.name(),
-            raw.topic,
-            raw.partition,
-            raw.offset,
-            raw.timestamp_ms,
-            key,
-            raw.key,
-            raw.value,
-            [name for name, _ in raw.headers],
-            [value for _, value in raw.headers],
-            reason,
-            max(record.count, 1),
-            record.first_error_type,
-            record.first_error,
-            record.last_error_type,
-            record.last_error,
-            record.traceback,
-        )
-        if item.claimed and key is not None:
-            await connection.execute(spec.queries.mark_key_dead_lettered, spec.dedup_scope, key)
-    except asyncpg.PostgresError as exc:
-        raise DeadLetterWriteError(
-            f"cannot write the dead letter for {raw.position}: {type(exc).__name__}: {exc}; "
-            "the partition stays at this message until the dead_letters table is writable again"
-        ) from exc
+    """Dead-letter the message, or park it and its Kafka key when the handler parks by key."""
+    record.count = max(record.count, 1)
+    failure = record.failure(reason)
+    if parked.enabled and item.raw.key is not None:
+        await dead_letters.park_key(connection, spec.queries, spec.dedup_scope, item.raw)
+        parked.keys.add(item.raw.key)
+        await _park(connection, spec, item, failure, outcome)
+        return
+    await _store(connection, spec, item, failure, dead_letters.STATUS_DEAD)
     outcome.dead_lettered += 1
     outcome.dead_letter_reasons.append(reason)
-    logger.error(
-        "message dead-lettered after %d attempt(s): %s: %s",
-        max(record.count, 1),
-        record.last_error_type,
-        record.last_error,
+
+
+async def _park(
+    connection: asyncpg.Connection, spec: BatchSpec, item: _Item, failure: dead_letters.Failure, outcome: BatchOutcome
+) -> None:
+    await _store(connection, spec, item, failure, dead_letters.STATUS_PARKED)
+    outcome.parked += 1
+    outcome.dead_letter_reasons.append(failure.reason)
+
+
+async def _conflict(connection: asyncpg.Connection, spec: BatchSpec, item: _Item, outcome: BatchOutcome) -> None:
+    """Handle a key that arrived again with a different payload, as the handler's `on_key_conflict` says."""
+    outcome.conflicts += 1
+    key = _key(item)
+    detail = (
+        f"idempotency key {key!r} was already applied with a different payload; "
+        "a producer reused the key for another message"
+    )
+    if spec.handler.on_key_conflict == "dead_letter":
+        record = AttemptRecord()
+        record.add(errors.PermanentError(detail))
+        await _store(connection, spec, item, record.failure("conflict"), dead_letters.STATUS_DEAD)
+        outcome.dead_lettered += 1
+        outcome.dead_letter_reasons.append("conflict")
+        return
+    outcome.key_duplicates += 1
+    logger.warning(
+        "key conflict skipped: %s",
+        detail,
         extra={
-            "action": "message_dead_lettered",
+            "action": "key_conflict_skipped",
             "group_id": spec.group_id,
-            "topic": raw.topic,
-            "partition": raw.partition,
-            "offset": raw.offset,
-            "handler": spec.handler.name(),
-            "attempt": record.count,
-            "reason": reason,
+            "topic": item.raw.topic,
+            "partition": item.raw.partition,
+            "offset": item.raw.offset,
         },
     )
+
+
+async def _store(
+    connection: asyncpg.Connection, spec: BatchSpec, item: _Item, failure: dead_letters.Failure, status: str
+) -> None:
+    key = item.message.idempotency_key if item.message is not None else None
+    await dead_letters.write(
+        connection,
+        spec.queries,
+        dedup_scope=spec.dedup_scope,
+        group_id=spec.group_id,
+        handler_name=spec.handler.name(),
+        raw=item.raw,
+        idempotency_key=key,
+        failure=failure,
+        status=status,
+    )
+    if item.claimed and key is not None:
+        try:
+            await connection.execute(spec.queries.mark_key_dead_lettered, spec.dedup_scope, key)
+        except asyncpg.PostgresError as exc:
+            raise DeadLetterWriteError(f"cannot mark key {key!r} as dead-lettered: {exc}") from exc
 
 
 def _context(connection: asyncpg.Connection, spec: BatchSpec, *, attempt: int) -> Context:

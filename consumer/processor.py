@@ -156,6 +156,11 @@ class PartitionProcessor:
 
             infra_failures = 0
             self.halted_reason = None
+            # Attempts of messages the committed position has passed are
+            # settled; keeping them only until now means a lost commit
+            # cannot reset a message's attempt count.
+            for offset in [offset for offset in self._attempts if offset < outcome.next_offset]:
+                del self._attempts[offset]
             self._record(outcome)
             self._hooks.committed(self.topic, self.partition, outcome.next_offset)
             if outcome.stopped_at is None:
@@ -204,6 +209,9 @@ class PartitionProcessor:
         stats.dead_lettered += outcome.dead_lettered
         stats.handler_calls += outcome.handler_calls
         stats.dead_letter_reasons.update(outcome.dead_letter_reasons)
+        stats.parked += outcome.parked
+        stats.conflicts += outcome.conflicts
+        stats.tombstones_skipped += outcome.tombstones_skipped
         self.last_committed_at = time.time()
         metrics, labels = self._metrics, self._labels
         if outcome.applied:
@@ -214,6 +222,8 @@ class PartitionProcessor:
             fenced = self._last_committed is not None and outcome.previous_offset != self._last_committed
             cause = "fenced" if fenced else "position"
             metrics.duplicates_skipped.labels(*labels, cause).inc(outcome.position_duplicates)
+        if outcome.conflicts:
+            metrics.key_conflicts.labels(*labels).inc(outcome.conflicts)
         for reason in outcome.dead_letter_reasons:
             metrics.dead_letters.labels(*labels, reason).inc()
         self._last_committed = outcome.next_offset

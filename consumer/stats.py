@@ -21,6 +21,9 @@ class Stats:
     position_duplicates: int = 0
     key_duplicates: int = 0
     dead_lettered: int = 0
+    parked: int = 0
+    conflicts: int = 0
+    tombstones_skipped: int = 0
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     infrastructure_retries: int = 0
@@ -38,6 +41,9 @@ class Stats:
             "position_duplicates": self.position_duplicates,
             "key_duplicates": self.key_duplicates,
             "dead_lettered": self.dead_lettered,
+            "parked": self.parked,
+            "conflicts": self.conflicts,
+            "tombstones_skipped": self.tombstones_skipped,
             "retries": self.retries,
             "infrastructure_retries": self.infrastructure_retries,
             "batches": self.batches,

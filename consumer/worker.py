@@ -71,6 +71,9 @@ class Worker:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._spec: BatchSpec | None = None
         self.started = False
+        # Set once the group has given this member an assignment, even an
+        # empty one (more members than partitions).
+        self.joined = False
         self.last_poll_at: float | None = None
 
     # -- lifecycle -------------------------------------------------------
@@ -107,6 +110,7 @@ class Worker:
                 task_group.start_soon(self._fetch_loop, fetch_scope)
                 task_group.start_soon(self._mirror_loop)
                 task_group.start_soon(self._gauges_loop)
+                # Side tasks: each one ends the worker if it fails.
                 self.started = True
                 await self._stop_event.wait()
                 fetch_scope.cancel()
@@ -302,6 +306,7 @@ class Worker:
         if consumer is None or task_group is None or self._stopping:
             return
         self.stats.rebalances += 1
+        self.joined = True
         self.metrics.rebalances.labels(self.group_id).inc()
         new = sorted((tp for tp in assigned if tp not in self._processors), key=lambda tp: (tp.topic, tp.partition))
         if not new:
@@ -429,6 +434,7 @@ class Worker:
         processors = list(self._processors.values())
         return {
             "started": self.started,
+            "joined": self.joined,
             "stopping": self._stopping,
             "group_id": self.group_id,
             "assigned": [f"{p.topic}-{p.partition}" for p in processors],

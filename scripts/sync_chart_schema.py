@@ -44,12 +44,12 @@ TOP_LEVEL_ONLY_FIELDS = {"postgres.schema"}
 
 
 def is_secret(field: FieldInfo) -> bool:
-    """Tell whether a settings field holds a secret, which the chart takes from a Secret."""
+    """Return whether a settings field contains a secret, which the chart takes from a Secret."""
     return SecretStr in _flatten(field.annotation)
 
 
 def settings_groups() -> dict[str, dict[str, FieldInfo] | FieldInfo]:
-    """Map each settings group to its fields by environment name; a top-level field maps to itself."""
+    """Map each settings group to its fields by environment name. A top-level field maps to itself."""
     groups: dict[str, dict[str, FieldInfo] | FieldInfo] = {}
     for group_name, group_field in settings.Settings.model_fields.items():
         model = group_field.annotation
@@ -126,7 +126,7 @@ def _flatten(annotation: Any) -> list[Any]:
 
 def synced_schema() -> dict[str, Any]:
     """Return values.schema.json with both settings definitions regenerated."""
-    schema = json.loads(SCHEMA_PATH.read_text())
+    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
     schema["definitions"]["config"] = config_schema(for_handler=False)
     schema["definitions"]["handlerConfig"] = config_schema(for_handler=True)
     return schema

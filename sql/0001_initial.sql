@@ -67,7 +67,9 @@ CREATE TABLE {schema}.dead_letters (
     header_names    text[]      NOT NULL DEFAULT '{}',
     header_values   bytea[]     NOT NULL DEFAULT '{}',
     -- Why it was dead-lettered: 'handler_error', 'permanent', 'decode',
-    -- 'validation', 'timeout' or 'conflict'.
+    -- 'validation', 'timeout', 'tombstone', 'conflict' (the key was applied
+    -- before with another payload) or 'parked_behind' (an earlier message
+    -- with the same Kafka key is parked).
     reason          text        NOT NULL,
     attempts        integer     NOT NULL,
     first_error_type text       NOT NULL,
@@ -75,11 +77,29 @@ CREATE TABLE {schema}.dead_letters (
     last_error_type text        NOT NULL,
     last_error      text        NOT NULL,
     traceback       text        NOT NULL DEFAULT '',
-    -- 'dead' until redriven ('resolved') or discarded ('purged').
+    -- 'dead', or 'parked' while its Kafka key is parked, until a redrive
+    -- applies it ('resolved').
     status          text        NOT NULL DEFAULT 'dead',
+    redrive_attempts integer    NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    resolved_at     timestamptz,
     UNIQUE (dedup_scope, topic, partition, "offset")
 );
 
 CREATE INDEX dead_letters_status ON {schema}.dead_letters (status, created_at);
+CREATE INDEX dead_letters_key ON {schema}.dead_letters (dedup_scope, topic, key) WHERE status = 'parked';
+
+-- Kafka keys whose messages wait behind a failed one, for handlers that park
+-- by key instead of blocking the partition. While a row exists, every new
+-- message with that key is stored as a 'parked' dead letter in offset
+-- order; a redrive applies them in that order and then deletes the row.
+CREATE TABLE {schema}.parked_keys (
+    dedup_scope   text        NOT NULL,
+    topic         text        NOT NULL,
+    key           bytea       NOT NULL,
+    first_offset  bigint      NOT NULL,
+    partition     integer     NOT NULL,
+    parked_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (dedup_scope, topic, key)
+);

@@ -59,14 +59,40 @@ WHERE dedup_scope = $1 AND topic = ANY($2::text[])
 INSERT INTO {schema}.dead_letters (
     dedup_scope, group_id, handler, topic, partition, "offset", timestamp_ms,
     idempotency_key, key, value, header_names, header_values, reason, attempts,
-    first_error_type, first_error, last_error_type, last_error, traceback
+    first_error_type, first_error, last_error_type, last_error, traceback, status
 )
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
 ON CONFLICT (dedup_scope, topic, partition, "offset") DO UPDATE
-SET status = 'dead',
+SET status = EXCLUDED.status,
     reason = EXCLUDED.reason,
     attempts = EXCLUDED.attempts,
     last_error_type = EXCLUDED.last_error_type,
     last_error = EXCLUDED.last_error,
     traceback = EXCLUDED.traceback,
     updated_at = now()
+
+-- name: stored_fingerprints
+-- Payload fingerprints of keys that were claimed before, to tell a true
+-- duplicate from a reused key with another payload.
+SELECT idempotency_key, fingerprint
+FROM {schema}.inbox
+WHERE dedup_scope = $1 AND idempotency_key = ANY($2::text[])
+
+-- name: parked_keys
+-- Which of these Kafka keys are parked. FOR SHARE makes a concurrent
+-- redrive of the same key wait until this transaction has parked its
+-- messages, so no message is left parked without its key row.
+SELECT key
+FROM {schema}.parked_keys
+WHERE dedup_scope = $1 AND topic = $2 AND key = ANY($3::bytea[])
+FOR SHARE
+
+-- name: park_key
+INSERT INTO {schema}.parked_keys (dedup_scope, topic, key, first_offset, partition)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (dedup_scope, topic, key) DO NOTHING
+
+-- name: set_dead_letter_status
+UPDATE {schema}.dead_letters
+SET status = $5, updated_at = now()
+WHERE dedup_scope = $1 AND topic = $2 AND partition = $3 AND "offset" = $4

@@ -37,6 +37,10 @@ class QuakeHandler(Handler[dict[str, Any]]):
     topics = ["quakes"]
     group_id = "quake-store"
     migrations = Path(__file__).parent / "migrations"
+    # USGS now and then revises an event without bumping `updated`, so one
+    # version id can carry two payloads. The row keeps the first one; the
+    # next real version replaces it, so the revision is logged, not parked.
+    on_key_conflict = "log"
 
     def idempotency_key(self, message: Message[dict[str, Any]]) -> str:
         return str(message.payload["event_id"])

@@ -8,10 +8,12 @@ tests run on a machine without a container engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ NAMESPACE = "apps"
 
 
 class HelmError(Exception):
-    """`helm` exited non-zero; the message is its stderr."""
+    """`helm` exited non-zero. The message is its stderr."""
 
 
 class Helm:
@@ -157,14 +159,16 @@ def cli_parser() -> argparse.ArgumentParser:
 
 
 @pytest.fixture
-def parse_command(cli_parser: argparse.ArgumentParser) -> Iterator[Any]:
-    """Parse a `consumer ...` argument list with the CLI parser; fail with argparse's message if invalid."""
+def parse_command(cli_parser: argparse.ArgumentParser) -> Callable[[list[str]], argparse.Namespace]:
+    """Parse a `consumer ...` argument list with the CLI parser, failing the test with argparse's message."""
 
     def parse(arguments: list[str]) -> argparse.Namespace:
+        messages = io.StringIO()
         try:
-            return cli_parser.parse_args(arguments)
-        except SystemExit as exc:
-            pytest.fail(f"`consumer {' '.join(arguments)}` is not a valid command line (argparse exit {exc.code})")
+            with contextlib.redirect_stderr(messages):
+                return cli_parser.parse_args(arguments)
+        except SystemExit:
+            error = messages.getvalue().strip().splitlines()[-1:]
+            pytest.fail(f"`consumer {' '.join(arguments)}` is not a valid command line: {' '.join(error)}")
 
-    yield parse
-
+    return parse

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,11 @@ import yaml
 from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 
-from consumer import settings
+from consumer import errors, settings
 
 # Custom resources are checked against models generated from their CRDs
-# (KEDA 2.16, Prometheus Operator 0.80), because kubernetes-validate only
-# knows the built-in kinds.
+# (KEDA 2.16, Prometheus Operator 0.80), because kubernetes-validate has
+# schemas for the built-in kinds only.
 CUSTOM_RESOURCE_MODELS: dict[tuple[str, str], type[pydantic.BaseModel]] = {
     ("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
     ("keda.sh/v1alpha1", "TriggerAuthentication"): TriggerAuthentication,
@@ -89,7 +90,8 @@ def with_changes(values: dict[str, Any], **changes: Any) -> dict[str, Any]:
 
 def load_schema_sync_script(repo_root: Path) -> Any:
     spec = importlib.util.spec_from_file_location("sync_chart_schema", repo_root / "scripts" / "sync_chart_schema.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -104,7 +106,7 @@ def without_descriptions(schema: Any) -> Any:
 
 
 def value_paths(chart_dir: Path) -> tuple[list[str], list[str]]:
-    """Walk values.yaml beside values.schema.json; return (documented paths, paths the schema lacks).
+    """Walk values.yaml beside values.schema.json and return (documented paths, paths the schema lacks).
 
     A value whose schema has no `properties` (a Kubernetes object passed
     through, such as `resources` or `podSecurityContext`) is one path, and so
@@ -193,7 +195,10 @@ def test_values_schema_matches_settings(repo_root: Path, chart_dir: Path) -> Non
     sync = load_schema_sync_script(repo_root)
     current = json.loads((chart_dir / "values.schema.json").read_text())["definitions"]
 
-    for name, expected in (("config", sync.config_schema(for_handler=False)), ("handlerConfig", sync.config_schema(for_handler=True))):
+    for name, expected in (
+        ("config", sync.config_schema(for_handler=False)),
+        ("handlerConfig", sync.config_schema(for_handler=True)),
+    ):
         assert without_descriptions(current[name]) == without_descriptions(expected), (
             f"definitions.{name} in values.schema.json no longer matches consumer.settings; "
             "run python scripts/sync_chart_schema.py"
@@ -226,6 +231,34 @@ def test_env_vars_are_settings_fields(helm: Any, ci_values: Path, settings_env_n
     assert not unknown, f"the chart sets variables that no settings field reads: {unknown}"
 
 
+def test_rendered_settings_load(helm: Any, ci_values: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    manifests = helm.template(ci_values)
+    # tmp_path as the working directory keeps a developer's .env file out of the check.
+    monkeypatch.chdir(tmp_path)
+    for workload, spec in pod_specs(manifests):
+        env = container_env(manifests, spec["containers"][0])
+        with monkeypatch.context() as patch:
+            for variable in [key for key in os.environ if key.startswith("CONSUMER_")]:
+                patch.delenv(variable)
+            for variable, value in env.items():
+                patch.setenv(variable, stand_in(variable, value))
+            try:
+                settings.load()
+            except errors.ConfigurationError as exc:
+                pytest.fail(f"{workload}: the rendered settings do not load: {exc}")
+
+
+def stand_in(variable: str, value: Any) -> str:
+    """Return a literal value as it is, and a plausible value for one taken from a Secret or the pod."""
+    if isinstance(value, str):
+        return value
+    if "secretKeyRef" in value and variable == "CONSUMER_POSTGRES__DSN":
+        return "postgresql://consumer:secret@postgres:5432/consumer"
+    if "secretKeyRef" in value:
+        return "secret"
+    return "rel-consumer-0"
+
+
 def test_required_settings_reach_every_container(helm: Any, ci_values: Path) -> None:
     manifests = helm.template(ci_values)
     for workload, spec in pod_specs(manifests):
@@ -236,9 +269,7 @@ def test_required_settings_reach_every_container(helm: Any, ci_values: Path) -> 
 
 def test_every_secret_field_has_a_secret_key(helm: Any, minimal_values: dict[str, Any]) -> None:
     secret_fields = {
-        env_name
-        for path, env_name in settings.env_var_names().items()
-        if "." in path and _is_secret(path)
+        env_name for path, env_name in settings.env_var_names().items() if "." in path and _is_secret(path)
     }
     values = with_changes(
         minimal_values,
@@ -260,7 +291,8 @@ def test_every_secret_field_has_a_secret_key(helm: Any, minimal_values: dict[str
 def _is_secret(path: str) -> bool:
     group, _, field = path.partition(".")
     model = settings.Settings.model_fields[group].annotation
-    assert isinstance(model, type) and issubclass(model, pydantic.BaseModel)
+    assert isinstance(model, type)
+    assert issubclass(model, pydantic.BaseModel)
     annotation = next(info for name, info in model.model_fields.items() if (info.alias or name) == field).annotation
     return "SecretStr" in str(annotation)
 
@@ -292,7 +324,7 @@ def test_null_setting_is_left_unset(helm: Any, minimal_values: dict[str, Any]) -
 def test_handler_config_overrides_top_level(helm: Any, chart_dir: Path) -> None:
     manifests = helm.template(chart_dir / "ci" / "multi-handler-values.yaml")
 
-    webhooks = named(manifests, "ConfigMap", f"{'rel'}-consumer-webhooks")["data"]
+    webhooks = named(manifests, "ConfigMap", "rel-consumer-webhooks")["data"]
     quakes = named(manifests, "ConfigMap", "rel-consumer-quakes")["data"]
 
     assert webhooks[SHUTDOWN_TIMEOUT_ENV] == "55"
@@ -332,10 +364,8 @@ def test_deployments_run_their_handler(helm: Any, ci_values: Path) -> None:
 def test_one_consumer_group_per_deployment(helm: Any, ci_values: Path) -> None:
     manifests = helm.template(ci_values)
     deployments = of_kind(manifests, "Deployment")
-    groups = [
-        container_env(manifests, deployment["spec"]["template"]["spec"]["containers"][0]).get("CONSUMER_KAFKA__GROUP_ID")
-        for deployment in deployments
-    ]
+    containers = [deployment["spec"]["template"]["spec"]["containers"][0] for deployment in deployments]
+    groups = [container_env(manifests, container).get("CONSUMER_KAFKA__GROUP_ID") for container in containers]
     explicit = [group for group in groups if group is not None]
 
     assert len(deployments) == len(load_values(ci_values)["handlers"])
@@ -378,7 +408,8 @@ def test_handler_timeout_above_grace_fails(helm: Any, minimal_values: dict[str, 
 
 def test_keda_max_replicas_above_partitions_fails(helm: Any, minimal_values: dict[str, Any]) -> None:
     values = copy.deepcopy(minimal_values)
-    values["handlers"][0].update(groupId="quake-store", partitions=3, autoscaling={"enabled": True, "maxReplicaCount": 4})
+    autoscaling = {"enabled": True, "maxReplicaCount": 4}
+    values["handlers"][0].update(groupId="quake-store", partitions=3, autoscaling=autoscaling)
 
     message = helm.template_error(values=values)
 
@@ -501,7 +532,8 @@ def test_tmp_is_writable(helm: Any, ci_values: Path) -> None:
     for workload, spec in pod_specs(helm.template(ci_values)):
         volumes = {volume["name"]: volume for volume in spec["volumes"]}
         mounts = {mount["mountPath"]: mount["name"] for mount in spec["containers"][0]["volumeMounts"]}
-        assert "emptyDir" in volumes[mounts["/tmp"]], workload
+        # The path inside the pod, where the chart mounts an emptyDir; this test writes nothing there.
+        assert "emptyDir" in volumes[mounts["/tmp"]], workload  # noqa: S108
 
 
 def test_extra_volumes_are_mounted(helm: Any, chart_dir: Path) -> None:
@@ -550,14 +582,22 @@ def test_config_change_rolls_pods(helm: Any, minimal_values: dict[str, Any]) -> 
 # --- migration hook -----------------------------------------------------------------------------------
 
 
-def test_migration_runs_before_install_and_upgrade(helm: Any, ci_values: Path, parse_command: Any) -> None:
+def test_migration_runs_before_install_and_upgrade(helm: Any, ci_values: Path) -> None:
     jobs = of_kind(helm.template(ci_values), "Job")
 
     assert len(jobs) == 1
     annotations = jobs[0]["metadata"]["annotations"]
     assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
     assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"]
-    assert parse_command(jobs[0]["spec"]["template"]["spec"]["containers"][0]["args"]) is not None
+    assert jobs[0]["spec"]["template"]["spec"]["containers"][0]["args"][0] == "migrate"
+
+
+def test_migration_applies_handler_migrations(helm: Any, chart_dir: Path) -> None:
+    job = of_kind(helm.template(chart_dir / "ci" / "multi-handler-values.yaml"), "Job")[0]
+
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert args == ["migrate", "--handler", "examples.quakes.handler:QuakeHandler"]
 
 
 def test_migration_reads_hook_secret_copy(helm: Any, chart_dir: Path) -> None:

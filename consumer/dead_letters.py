@@ -1,0 +1,148 @@
+"""The dead-letter store: messages that could not be applied, with their raw bytes.
+
+A dead letter is written in the batch transaction that moves the partition
+past its message, so a message is never skipped without a row here. Key,
+value and headers are stored as the broker delivered them (bytes, header
+order, repeated names and null values included), so a redrive sees exactly
+the original message.
+
+With ``failure_mode = "park"`` a failed message with a Kafka key is stored
+with status ``parked`` and its key goes into ``parked_keys``; later messages
+with that key are stored as ``parked`` too (reason ``parked_behind``) until a
+redrive applies them in offset order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from consumer import errors
+from consumer.message import RawMessage
+
+__all__ = ["DeadLetterWriteError", "ParkedKeys", "write"]
+
+logger = logging.getLogger(__name__)
+
+STATUS_DEAD = "dead"
+STATUS_PARKED = "parked"
+STATUS_RESOLVED = "resolved"
+
+
+class DeadLetterWriteError(errors.InfrastructureError):
+    """A dead letter could not be written; the partition stays at the failed message until it can."""
+
+
+@dataclass(slots=True)
+class ParkedKeys:
+    """Kafka keys parked for one batch: loaded under a share lock, extended as messages get parked."""
+
+    enabled: bool
+    keys: set[bytes] = field(default_factory=set)
+
+    def holds(self, raw: RawMessage) -> bool:
+        return self.enabled and raw.key is not None and raw.key in self.keys
+
+
+async def load_parked(
+    connection: asyncpg.Connection, queries: Any, dedup_scope: str, topic: str, raws: list[RawMessage], enabled: bool
+) -> ParkedKeys:
+    """Read which Kafka keys of `raws` are parked; an empty set when parking is off."""
+    parked = ParkedKeys(enabled=enabled)
+    if not enabled:
+        return parked
+    keys = sorted({raw.key for raw in raws if raw.key is not None})
+    if keys:
+        rows = await connection.fetch(queries.parked_keys, dedup_scope, topic, keys)
+        parked.keys = {bytes(row["key"]) for row in rows}
+    return parked
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What is recorded about the attempts of a dead-lettered message."""
+
+    reason: str
+    attempts: int
+    first_error_type: str
+    first_error: str
+    last_error_type: str
+    last_error: str
+    traceback: str = ""
+
+
+async def write(
+    connection: asyncpg.Connection,
+    queries: Any,
+    *,
+    dedup_scope: str,
+    group_id: str,
+    handler_name: str,
+    raw: RawMessage,
+    idempotency_key: str | None,
+    failure: Failure,
+    status: str,
+) -> None:
+    """Insert (or refresh) the dead letter of `raw`; raise `DeadLetterWriteError` when PostgreSQL refuses."""
+    try:
+        await connection.execute(
+            queries.insert_dead_letter,
+            dedup_scope,
+            group_id,
+            handler_name,
+            raw.topic,
+            raw.partition,
+            raw.offset,
+            raw.timestamp_ms,
+            idempotency_key,
+            raw.key,
+            raw.value,
+            [name for name, _ in raw.headers],
+            [value for _, value in raw.headers],
+            failure.reason,
+            failure.attempts,
+            failure.first_error_type,
+            failure.first_error,
+            failure.last_error_type,
+            failure.last_error,
+            failure.traceback,
+            status,
+        )
+    except asyncpg.PostgresError as exc:
+        raise DeadLetterWriteError(
+            f"cannot write the dead letter for {raw.position}: {type(exc).__name__}: {exc}; "
+            "the partition stays at this message until the dead_letters table is writable again"
+        ) from exc
+    log = logger.warning if status == STATUS_PARKED else logger.error
+    log(
+        "message %s after %d attempt(s): %s: %s",
+        "parked" if status == STATUS_PARKED else "dead-lettered",
+        failure.attempts,
+        failure.last_error_type,
+        failure.last_error,
+        extra={
+            "action": "message_parked" if status == STATUS_PARKED else "message_dead_lettered",
+            "group_id": group_id,
+            "topic": raw.topic,
+            "partition": raw.partition,
+            "offset": raw.offset,
+            "handler": handler_name,
+            "attempt": failure.attempts,
+            "reason": failure.reason,
+        },
+    )
+
+
+async def park_key(connection: asyncpg.Connection, queries: Any, dedup_scope: str, raw: RawMessage) -> None:
+    """Park `raw`'s Kafka key, so later messages with it wait behind `raw`."""
+    assert raw.key is not None
+    try:
+        await connection.execute(queries.park_key, dedup_scope, raw.topic, raw.key, raw.offset, raw.partition)
+    except asyncpg.PostgresError as exc:
+        raise DeadLetterWriteError(
+            f"cannot park key of {raw.position}: {type(exc).__name__}: {exc}; "
+            "the partition stays at this message until parked_keys is writable again"
+        ) from exc
