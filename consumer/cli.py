@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from consumer import errors, logs, settings
+from consumer import cli_dead_letters, errors, logs, settings
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_UNAVAILABLE", "build_parser", "main", "main_entry"]
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-crash", action="store_true", help="Do not SIGKILL the worker part-way through.")
     demo.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="Give up after this long.")
     _add_common(demo)
+
+    cli_dead_letters.add_parser(commands, _add_common)
 
     config = commands.add_parser("config", help="Print the effective settings with secrets masked.")
     _add_common(config)
@@ -232,4 +234,5 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, settings.Settings], int]] = {
     "migrate": _migrate,
     "demo": _demo,
     "config": _config,
+    "dead-letters": cli_dead_letters.run,
 }

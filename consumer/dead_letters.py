@@ -146,3 +146,94 @@ async def park_key(connection: asyncpg.Connection, queries: Any, dedup_scope: st
             f"cannot park key of {raw.position}: {type(exc).__name__}: {exc}; "
             "the partition stays at this message until parked_keys is writable again"
         ) from exc
+
+
+# -- reading and purging, for `consumer dead-letters` ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which dead letters a command acts on; every field narrows the selection."""
+
+    ids: tuple[int, ...] = ()
+    dedup_scope: str | None = None
+    handler: str | None = None
+    topic: str | None = None
+    partition: int | None = None
+    key: str | None = None
+    error_type: str | None = None
+    reason: str | None = None
+    status: str | None = None
+    since: Any = None
+    until: Any = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, name) in (None, ()) for name in self.__slots__)
+
+    def where(self) -> tuple[str, list[Any]]:
+        """Return a WHERE clause of fixed fragments and its parameters."""
+        fragments: list[str] = []
+        values: list[Any] = []
+
+        def add(fragment: str, value: Any) -> None:
+            values.append(value)
+            fragments.append(fragment.replace("?", f"${len(values)}"))
+
+        if self.ids:
+            add("id = ANY(?::bigint[])", list(self.ids))
+        for column, value in (
+            ("dedup_scope", self.dedup_scope),
+            ("handler", self.handler),
+            ("topic", self.topic),
+            ("partition", self.partition),
+            ("last_error_type", self.error_type),
+            ("reason", self.reason),
+            ("status", self.status),
+        ):
+            if value is not None:
+                add(f"{column} = ?", value)
+        if self.key is not None:
+            # Matches the idempotency key or the Kafka key given as UTF-8 text.
+            add("(idempotency_key = ? OR key = convert_to(?, 'UTF8'))", self.key)
+        if self.since is not None:
+            add("created_at >= ?", self.since)
+        if self.until is not None:
+            add("created_at < ?", self.until)
+        clause = " AND ".join(fragments) if fragments else "TRUE"
+        return clause, values
+
+
+async def select(connection: asyncpg.Connection, queries: Any, selection: Filter, limit: int) -> list[asyncpg.Record]:
+    """Return the dead letters matching `selection`, oldest first."""
+    clause, values = selection.where()
+    values.append(limit)
+    sql = f"{queries.select_columns} WHERE {clause} ORDER BY id LIMIT ${len(values)}"
+    rows: list[asyncpg.Record] = await connection.fetch(sql, *values)
+    return rows
+
+
+async def purge(connection: asyncpg.Connection, queries: Any, ids: list[int]) -> int:
+    """Delete the dead letters `ids` and release parked keys left without a parked letter."""
+    async with connection.transaction():
+        rows = await connection.fetch(queries.delete_by_ids, ids)
+        for row in rows:
+            if row["status"] == STATUS_PARKED and row["key"] is not None:
+                await connection.execute(queries.unpark_if_empty, row["dedup_scope"], row["topic"], row["key"])
+    return len(rows)
+
+
+def raw_message(row: asyncpg.Record) -> RawMessage:
+    """Rebuild the original Kafka record of a dead letter, bytes unchanged."""
+    headers = tuple(
+        (name, bytes(value) if value is not None else None)
+        for name, value in zip(row["header_names"], row["header_values"], strict=True)
+    )
+    return RawMessage(
+        topic=row["topic"],
+        partition=row["partition"],
+        offset=row["offset"],
+        key=bytes(row["key"]) if row["key"] is not None else None,
+        value=bytes(row["value"]) if row["value"] is not None else None,
+        headers=headers,
+        timestamp_ms=row["timestamp_ms"],
+    )

@@ -22,7 +22,13 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from consumer import errors
 
@@ -234,6 +240,10 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         case_sensitive=False,
+        # Secret files are named like the variables without the prefix, in
+        # lower case: postgres__dsn, kafka__sasl_password.
+        secrets_nested_delimiter=NESTED_DELIMITER,
+        secrets_prefix="",
     )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -247,6 +257,18 @@ class Settings(BaseSettings):
             "Two deployments with the same scope never apply the same message twice."
         ),
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The nested source maps a secret file `postgres__dsn` to postgres.dsn.
+        return init_settings, env_settings, dotenv_settings, NestedSecretsSettingsSource(file_secret_settings)
 
     def redacted(self) -> dict[str, Any]:
         """Return the settings as plain data with every secret masked, for `config show` and logs."""

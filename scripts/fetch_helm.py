@@ -54,6 +54,8 @@ def helm_path(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Return a runnable Helm binary: ``$HELM``, the cached one, or a fresh download."""
     override = os.environ.get("HELM")
     if override:
+        if not os.access(override, os.X_OK):
+            raise FetchError(f"HELM={override} is not an executable file; point it at a Helm binary or unset it")
         return Path(override)
 
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
