@@ -148,8 +148,16 @@ class BatchOutcome:
     next_offset: int
     # Stored position when the transaction locked the row.
     previous_offset: int
+    # Replay epoch of the row; see `repositioned`.
+    epoch: int = 0
+    # True when a replay moved the position since the batch was fetched: the
+    # transaction did nothing, and the caller must seek to `next_offset`.
+    repositioned: bool = False
     applied: int = 0
     position_duplicates: int = 0
+    # Part of `position_duplicates`: offsets below the high-water mark that a
+    # replay brought back.
+    replay_duplicates: int = 0
     key_duplicates: int = 0
     dead_lettered: int = 0
     parked: int = 0
@@ -183,8 +191,13 @@ async def apply_batch(
     *,
     savepoints: bool,
     should_stop: Callable[[], bool],
+    expected_epoch: int | None = None,
 ) -> BatchOutcome:
     """Apply `raws` (one partition, ascending offsets) in one transaction, as the module docstring describes.
+
+    `expected_epoch` is the replay epoch the batch was fetched under (None
+    when unknown). If the row has another epoch, nothing is applied and the
+    outcome says `repositioned`.
 
     Raises `RetryWithSavepoints` when a handler fails and `savepoints` is
     False; the transaction is rolled back and the failure recorded in
@@ -194,10 +207,21 @@ async def apply_batch(
     first = raws[0]
     transaction = connection.transaction()
     await transaction.start()
-    next_offset = await _lock_position(connection, spec, first)
-    items = [_Item(raw) for raw in raws if raw.offset >= next_offset]
+    position = await _lock_position(connection, spec, first)
+    next_offset = position["next_offset"]
+    if expected_epoch is not None and position["epoch"] != expected_epoch:
+        with anyio.CancelScope(shield=True):
+            await transaction.rollback()
+        return BatchOutcome(
+            next_offset=next_offset, previous_offset=next_offset, epoch=position["epoch"], repositioned=True
+        )
+    items, replayed = _new_items(raws, position)
     outcome = BatchOutcome(
-        next_offset=next_offset, previous_offset=next_offset, position_duplicates=len(raws) - len(items)
+        next_offset=next_offset,
+        previous_offset=next_offset,
+        epoch=position["epoch"],
+        position_duplicates=len(raws) - len(items),
+        replay_duplicates=replayed,
     )
 
     if items:
@@ -239,14 +263,33 @@ async def apply_batch(
     return outcome
 
 
-async def _lock_position(connection: asyncpg.Connection, spec: BatchSpec, first: RawMessage) -> int:
+async def _lock_position(connection: asyncpg.Connection, spec: BatchSpec, first: RawMessage) -> asyncpg.Record:
     args = (spec.dedup_scope, first.topic, first.partition)
-    stored: int | None = await connection.fetchval(spec.queries.lock_position, *args)
-    if stored is None:
+    row: asyncpg.Record | None = await connection.fetchrow(spec.queries.lock_position, *args)
+    if row is None:
         await connection.execute(spec.queries.create_position, *args, first.offset, spec.group_id)
-        stored = await connection.fetchval(spec.queries.lock_position, *args)
-        assert stored is not None
-    return stored
+        row = await connection.fetchrow(spec.queries.lock_position, *args)
+        assert row is not None
+    return row
+
+
+def _new_items(raws: Sequence[RawMessage], position: asyncpg.Record) -> tuple[list[_Item], int]:
+    """Return the messages at or after the position that are not below the high-water mark, and how many were."""
+    next_offset: int = position["next_offset"]
+    high_water: int = position["high_water"]
+    reprocess_until: int | None = position["reprocess_until"]
+    items: list[_Item] = []
+    replayed = 0
+    for raw in raws:
+        if raw.offset < next_offset:
+            continue
+        below_high_water = raw.offset < high_water
+        reprocessing = reprocess_until is not None and raw.offset < reprocess_until
+        if below_high_water and not reprocessing:
+            replayed += 1
+            continue
+        items.append(_Item(raw))
+    return items, replayed
 
 
 def _decode(handler: Handler[Any], items: list[_Item]) -> None:

@@ -64,6 +64,7 @@ class PartitionProcessor:
         hooks: ProcessorHooks,
         stats: Stats,
         metrics: Metrics,
+        epoch: int | None = None,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -77,6 +78,8 @@ class PartitionProcessor:
         # Stored position after this processor's last commit; a stored
         # position that moved on without us means another worker got there.
         self._last_committed: int | None = None
+        # Replay epoch of the stored position this processor reads from.
+        self._epoch = epoch
         self._pending: deque[RawMessage] = deque()
         self._wakeup = anyio.Event()
         self._stop_requested = False
@@ -156,6 +159,10 @@ class PartitionProcessor:
 
             infra_failures = 0
             self.halted_reason = None
+            if outcome.repositioned:
+                self._follow_replay(outcome)
+                return
+            self._epoch = outcome.epoch
             # Attempts of messages the committed position has passed are
             # settled; keeping them only until now means a lost commit
             # cannot reset a message's attempt count.
@@ -183,6 +190,7 @@ class PartitionProcessor:
                 self._attempts,
                 savepoints=savepoints,
                 should_stop=lambda: self._stop_requested,
+                expected_epoch=self._epoch,
             )
             clean = True
             self._metrics.transaction_duration.labels(*self._labels).observe(time.perf_counter() - started)
@@ -218,10 +226,13 @@ class PartitionProcessor:
             metrics.messages_processed.labels(*labels).inc(outcome.applied)
         if outcome.key_duplicates:
             metrics.duplicates_skipped.labels(*labels, "key").inc(outcome.key_duplicates)
-        if outcome.position_duplicates:
+        if outcome.replay_duplicates:
+            metrics.duplicates_skipped.labels(*labels, "replay").inc(outcome.replay_duplicates)
+        redelivered = outcome.position_duplicates - outcome.replay_duplicates
+        if redelivered:
             fenced = self._last_committed is not None and outcome.previous_offset != self._last_committed
             cause = "fenced" if fenced else "position"
-            metrics.duplicates_skipped.labels(*labels, cause).inc(outcome.position_duplicates)
+            metrics.duplicates_skipped.labels(*labels, cause).inc(redelivered)
         if outcome.conflicts:
             metrics.key_conflicts.labels(*labels).inc(outcome.conflicts)
         for reason in outcome.dead_letter_reasons:
@@ -237,6 +248,24 @@ class PartitionProcessor:
                 "applied": outcome.applied,
                 "key_duplicates": outcome.key_duplicates,
                 "position_duplicates": outcome.position_duplicates,
+            },
+        )
+
+    def _follow_replay(self, outcome: BatchOutcome) -> None:
+        """Drop what was fetched under the old position and fetch from the one a replay stored."""
+        self._epoch = outcome.epoch
+        self._last_committed = outcome.next_offset
+        self._pending.clear()
+        self._attempts.clear()
+        self._hooks.seek(self.topic, self.partition, outcome.next_offset)
+        logger.info(
+            "position moved by a replay to %d; fetching from there",
+            outcome.next_offset,
+            extra={
+                "action": "replay_followed",
+                "topic": self.topic,
+                "partition": self.partition,
+                "offset": outcome.next_offset,
             },
         )
 

@@ -322,7 +322,7 @@ class Worker:
             self._fail(exc)
             return
         for tp in new:
-            processor = self._make_processor(tp)
+            processor = self._make_processor(tp, stored[tp][1] if tp in stored else None)
             self._processors[tp] = processor
             task_group.start_soon(processor.run)
         logger.info(
@@ -331,7 +331,7 @@ class Worker:
             extra={"action": "partitions_assigned", "group_id": self.group_id},
         )
 
-    async def _read_positions(self) -> dict[TopicPartition, int]:
+    async def _read_positions(self) -> dict[TopicPartition, tuple[int, int]]:
         assert self._pool is not None
         assert self._spec is not None
         for attempt in range(1, _POSITION_READ_ATTEMPTS + 1):
@@ -342,10 +342,14 @@ class Worker:
                     raise
                 await anyio.sleep(0.5 * attempt)
                 continue
-            return {TopicPartition(row["topic"], row["partition"]): row["next_offset"] for row in rows}
+            return {
+                TopicPartition(row["topic"], row["partition"]): (row["next_offset"], row["epoch"]) for row in rows
+            }
         raise AssertionError("unreachable")
 
-    async def _position_partitions(self, new: list[TopicPartition], stored: dict[TopicPartition, int]) -> None:
+    async def _position_partitions(
+        self, new: list[TopicPartition], stored: dict[TopicPartition, tuple[int, int]]
+    ) -> None:
         """Seek each new partition to its stored position; report a position the log no longer holds."""
         consumer = self._consumer
         assert consumer is not None
@@ -361,7 +365,7 @@ class Worker:
                     extra={"action": "partition_position_default", "topic": tp.topic, "partition": tp.partition},
                 )
                 continue
-            position = stored[tp]
+            position = stored[tp][0]
             first = log_start.get(tp, 0)
             if position < first:
                 lost = first - position
@@ -381,7 +385,7 @@ class Worker:
                 position = first
             consumer.seek(tp, position)
 
-    def _make_processor(self, tp: TopicPartition) -> PartitionProcessor:
+    def _make_processor(self, tp: TopicPartition, epoch: int | None) -> PartitionProcessor:
         assert self._pool is not None
         assert self._spec is not None
         hooks = ProcessorHooks(committed=self._committed, seek=self._seek, resume=self._resume)
@@ -394,6 +398,7 @@ class Worker:
             hooks=hooks,
             stats=self.stats,
             metrics=self.metrics,
+            epoch=epoch,
         )
 
     async def _revoke(self, revoked: set[TopicPartition]) -> None:

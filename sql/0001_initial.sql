@@ -12,8 +12,18 @@ CREATE TABLE {schema}.positions (
     topic              text        NOT NULL,
     partition          integer     NOT NULL,
     -- Offset of the next message to apply; every lower offset is done
-    -- (applied, skipped as a duplicate, or dead-lettered).
+    -- (applied, skipped as a duplicate, or dead-lettered). A replay moves it.
     next_offset        bigint      NOT NULL,
+    -- Highest next_offset ever stored. It never moves back (except over an
+    -- explicit reprocess range), so offsets below it stay duplicates after
+    -- a replay, whatever happened to their dedup records.
+    high_water         bigint      NOT NULL,
+    -- While set, offsets from next_offset up to this one are applied again
+    -- even though they are below high_water: a reprocess on purpose.
+    reprocess_until    bigint,
+    -- Incremented by every replay. A worker whose batch was fetched under
+    -- another epoch discards it and seeks to the new position.
+    epoch              bigint      NOT NULL DEFAULT 0,
     -- Group id of the worker that last advanced the position.
     group_id           text        NOT NULL,
     -- Running totals, updated in the same transaction as next_offset, so

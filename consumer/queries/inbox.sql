@@ -4,7 +4,7 @@
 -- Lock the partition's fence row and read its position. A concurrent
 -- transaction on the same partition waits here until the first one ends,
 -- then reads the position that one committed.
-SELECT next_offset
+SELECT next_offset, high_water, reprocess_until, epoch
 FROM {schema}.positions
 WHERE dedup_scope = $1 AND topic = $2 AND partition = $3
 FOR UPDATE
@@ -12,8 +12,8 @@ FOR UPDATE
 -- name: create_position
 -- First batch of a partition: create the row at the first fetched offset.
 -- If another worker created it in the meantime, leave that row alone.
-INSERT INTO {schema}.positions (dedup_scope, topic, partition, next_offset, group_id)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO {schema}.positions (dedup_scope, topic, partition, next_offset, high_water, group_id)
+VALUES ($1, $2, $3, $4, $4, $5)
 ON CONFLICT (dedup_scope, topic, partition) DO NOTHING
 
 -- name: claim_keys
@@ -41,6 +41,8 @@ WHERE dedup_scope = $1 AND idempotency_key = $2
 -- name: advance_position
 UPDATE {schema}.positions
 SET next_offset = $4,
+    high_water = greatest(high_water, $4),
+    reprocess_until = CASE WHEN $4 >= reprocess_until THEN NULL ELSE reprocess_until END,
     group_id = $5,
     applied = applied + $6,
     position_duplicates = position_duplicates + $7,
@@ -51,7 +53,7 @@ WHERE dedup_scope = $1 AND topic = $2 AND partition = $3
 
 -- name: read_positions
 -- Positions of the partitions a worker was just assigned.
-SELECT topic, partition, next_offset
+SELECT topic, partition, next_offset, epoch
 FROM {schema}.positions
 WHERE dedup_scope = $1 AND topic = ANY($2::text[])
 

@@ -28,7 +28,9 @@ __all__ = [
     "Rows",
     "order_record",
     "wait_for_exit",
+    "wait_for_invocation",
     "wait_for_output",
+    "wait_for_positions",
 ]
 
 ORDER_HANDLER = "tests.support.handlers:OrderHandler"
@@ -233,6 +235,28 @@ async def wait_for_output(
         if time.monotonic() - started >= timeout_s:
             raise AssertionError(f"{text!r} not written {count} time(s) within {timeout_s} s\n{process.output_tail()}")
         await anyio.sleep(0.05)
+
+
+async def wait_for_positions(rows: Rows, expected: Mapping[int, int], *, timeout_s: float) -> float:
+    """Wait until the stored positions equal ``expected`` and return the seconds waited."""
+    started = time.monotonic()
+    while True:
+        positions = await rows.positions()
+        if positions == expected:
+            return time.monotonic() - started
+        if time.monotonic() - started >= timeout_s:
+            raise AssertionError(f"positions {positions}, expected {dict(expected)} within {timeout_s} s")
+        await anyio.sleep(0.1)
+
+
+async def wait_for_invocation(rows: Rows, key: str, *, timeout_s: float = 30.0) -> float:
+    """Wait until the handler has been called for ``key`` and return the seconds waited."""
+    started = time.monotonic()
+    while (await rows.invocations_per_key()).get(key, 0) == 0:
+        if time.monotonic() - started >= timeout_s:
+            raise AssertionError(f"handler not called for {key!r} within {timeout_s} s")
+        await anyio.sleep(0.05)
+    return time.monotonic() - started
 
 
 async def wait_for_exit(process: WorkerProcess, *, timeout_s: float = 30.0) -> int:

@@ -36,7 +36,9 @@ async def test_redelivery_after_kafka_offset_reset_applies_nothing(
 ) -> None:
     topic = topic_factory()
     group_id = helpers.unique_group()
-    config = helpers.worker_settings(kafka_bootstrap, app_database, topic, group_id)
+    config = helpers.worker_settings(
+        kafka_bootstrap, app_database, topic, group_id, worker={"kafka_commit_interval_s": 0.2}
+    )
     await kafka.produce(kafka_bootstrap, topic, [order_record(key) for key in KEYS])
 
     async with helpers.running_worker(handlers.OrderHandler(), config):
@@ -51,6 +53,7 @@ async def test_redelivery_after_kafka_offset_reset_applies_nothing(
         # applied, anything redelivered before it was handled too.
         await kafka.produce(kafka_bootstrap, topic, [order_record("k-5")])
         await rows.wait_for_next_offsets(group_id, topic, {0: 6})
+        await wait_for_kafka_committed(kafka_bootstrap, group_id, topic, {0: 6})
     after = await rows.positions(group_id, topic)
 
     assert reset == {0: 0}
