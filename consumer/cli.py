@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from consumer import cli_dead_letters, errors, logs, settings
+from consumer import cli_dead_letters, cli_replay, errors, logs, settings
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_UNAVAILABLE", "build_parser", "main", "main_entry"]
 
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo)
 
     cli_dead_letters.add_parser(commands, _add_common)
+    cli_replay.add_parsers(commands, _add_common)
 
     config = commands.add_parser("config", help="Print the effective settings with secrets masked.")
     _add_common(config)
@@ -235,4 +236,6 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, settings.Settings], int]] = {
     "demo": _demo,
     "config": _config,
     "dead-letters": cli_dead_letters.run,
+    "replay": cli_replay.run_replay,
+    "prune": cli_replay.run_prune,
 }

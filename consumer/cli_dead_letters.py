@@ -128,7 +128,9 @@ async def _list(args: argparse.Namespace, config: settings.Settings) -> int:
     for row in rows:
         position = f"{row['topic']}-{row['partition']}@{row['offset']}"
         error = f"{row['last_error_type']}: {row['last_error']}".replace("\n", " ")
-        print(f"{row['id']:>6}  {row['status']:<8} {row['reason']:<13} {position:<28} {row['attempts']:>3}  {error[:70]}")
+        print(
+            f"{row['id']:>6}  {row['status']:<8} {row['reason']:<13} {position:<28} {row['attempts']:>3}  {error[:70]}"
+        )
     if len(rows) == args.limit:
         print(f"(first {args.limit} shown; raise --limit for more)")
     return 0

@@ -138,6 +138,15 @@ class Handler(Generic[PayloadT]):
         except UnicodeDecodeError as exc:
             raise errors.DecodeError(f"{IDEMPOTENCY_KEY_HEADER} header is not UTF-8") from exc
 
+    def fingerprint(self, message: Message[PayloadT]) -> bytes:
+        """Return what tells a true copy of a keyed message from a reused key: by default SHA-256 of the value.
+
+        Override it when the value carries delivery metadata that differs
+        between copies (a delivery id, a poll time), hashing only the part
+        that must be equal for two messages to be the same.
+        """
+        return message.raw.fingerprint()
+
     async def handle(self, message: Message[PayloadT], context: Context) -> None:
         """Apply one message's effects through ``context.connection``."""
         raise NotImplementedError(f"{type(self).__name__}.handle is not implemented; override it")

@@ -181,6 +181,7 @@ class _Item:
     conflict_with: int | None = None
     claimed: bool = False
     skip_tombstone: bool = False
+    fingerprint: bytes = b""
 
 
 async def apply_batch(
@@ -306,6 +307,7 @@ def _decode(handler: Handler[Any], items: list[_Item]) -> None:
             continue
         try:
             item.message = build_message(handler, item.raw)
+            item.fingerprint = handler.fingerprint(item.message)
         except errors.DecodeError as exc:
             item.decode_error = exc
         except Exception as exc:
@@ -324,7 +326,7 @@ async def _claim(connection: asyncpg.Connection, spec: BatchSpec, items: list[_I
         earlier = first_copy.get(message.idempotency_key)
         if earlier is not None:
             item.duplicate = True
-            if earlier.raw.fingerprint() != item.raw.fingerprint():
+            if earlier.fingerprint != item.fingerprint:
                 item.conflict_with = earlier.raw.offset
             continue
         first_copy[message.idempotency_key] = item
@@ -337,7 +339,7 @@ async def _claim(connection: asyncpg.Connection, spec: BatchSpec, items: list[_I
             items[0].raw.partition,
             [_key(item) for item in to_claim],
             [item.raw.offset for item in to_claim],
-            [item.raw.fingerprint() for item in to_claim],
+            [item.fingerprint for item in to_claim],
         )
         claimed = {row["idempotency_key"] for row in rows}
         for item in to_claim:
@@ -355,7 +357,7 @@ async def _find_conflicts(connection: asyncpg.Connection, spec: BatchSpec, dupli
     stored = {row["idempotency_key"]: bytes(row["fingerprint"]) for row in rows}
     for item in duplicates:
         fingerprint = stored.get(_key(item))
-        if fingerprint is not None and fingerprint != item.raw.fingerprint():
+        if fingerprint is not None and fingerprint != item.fingerprint:
             item.conflict_with = -1
 
 

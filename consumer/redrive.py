@@ -136,7 +136,7 @@ async def _apply(
                     raw.topic,
                     raw.partition,
                     raw.offset,
-                    raw.fingerprint(),
+                    handler.fingerprint(message),
                 )
                 if claimed is None:
                     await connection.execute(queries.mark_resolved, dead_letter_id)

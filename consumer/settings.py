@@ -217,6 +217,25 @@ class WorkerSettings(BaseModel):
             "PostgreSQL is the source of truth; Kafka's copy serves lag tools."
         ),
     )
+    inbox_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description=(
+            "How long dedup records of idempotency keys are kept, in seconds (default 7 days). "
+            "A copy of a key arriving later than this is applied again; positions never expire."
+        ),
+    )
+    prune_interval_s: float = Field(
+        default=300.0, gt=0, description="How often the worker deletes expired dedup records, in seconds."
+    )
+    prune_batch_size: int = Field(default=1000, ge=1, description="Dedup records deleted per pruning transaction.")
+    on_offsets_lost: Literal["continue", "stop"] = Field(
+        default="continue",
+        description=(
+            "When the stored position is below the log start (the broker deleted unapplied messages): "
+            "continue from the log start after an ERROR log and a metric, or stop the worker."
+        ),
+    )
     health_port: int | None = Field(
         default=None, ge=0, le=65535, description="Port of the HTTP health and metrics server; unset to turn it off."
     )

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from consumer import db, errors, kafka, retry
+from consumer import db, errors, kafka, retention, retry
 from consumer.handler import Handler
 from consumer.inbox import BatchSpec
 from consumer.message import RawMessage
@@ -110,6 +110,10 @@ class Worker:
                 task_group.start_soon(self._fetch_loop, fetch_scope)
                 task_group.start_soon(self._mirror_loop)
                 task_group.start_soon(self._gauges_loop)
+                task_group.start_soon(self._prune_loop)
+                task_group.start_soon(
+                    retention.check_horizon, settings.kafka, self.topics, settings.worker.inbox_retention_s
+                )
                 # Side tasks: each one ends the worker if it fails.
                 self.started = True
                 await self._stop_event.wait()
@@ -276,6 +280,32 @@ class Worker:
                 extra={"action": "kafka_commit_skipped", "group_id": self.group_id},
             )
 
+    # -- retention ------------------------------------------------------------
+
+    async def _prune_loop(self) -> None:
+        assert self._pool is not None
+        worker_settings = self.settings.worker
+        queries = db.load_queries("replay.sql", self.settings.postgres.schema_name)
+        while True:
+            await anyio.sleep(worker_settings.prune_interval_s)
+            try:
+                await retention.prune(
+                    self._pool,
+                    queries,
+                    self.dedup_scope,
+                    retention_s=worker_settings.inbox_retention_s,
+                    batch_size=worker_settings.prune_batch_size,
+                )
+            except Exception as exc:
+                if not retry.is_infrastructure(exc):
+                    raise
+                logger.warning(
+                    "pruning failed, retrying at the next interval: %s: %s",
+                    type(exc).__name__,
+                    exc,
+                    extra={"action": "inbox_prune_failed", "dedup_scope": self.dedup_scope},
+                )
+
     # -- gauges -------------------------------------------------------------
 
     async def _gauges_loop(self) -> None:
@@ -342,9 +372,7 @@ class Worker:
                     raise
                 await anyio.sleep(0.5 * attempt)
                 continue
-            return {
-                TopicPartition(row["topic"], row["partition"]): (row["next_offset"], row["epoch"]) for row in rows
-            }
+            return {TopicPartition(row["topic"], row["partition"]): (row["next_offset"], row["epoch"]) for row in rows}
         raise AssertionError("unreachable")
 
     async def _position_partitions(
@@ -382,6 +410,12 @@ class Worker:
                     first,
                     extra={"action": "offsets_lost", "topic": tp.topic, "partition": tp.partition, "offset": position},
                 )
+                if self.settings.worker.on_offsets_lost == "stop":
+                    raise errors.ConsumerError(
+                        f"{tp.topic}-{tp.partition}: offsets {position} to {first - 1} were deleted before they "
+                        "were applied; CONSUMER_WORKER__ON_OFFSETS_LOST=stop, so the worker stops. Set it to "
+                        "continue, or replay to the log start with `consumer replay --to-earliest`"
+                    )
                 position = first
             consumer.seek(tp, position)
 

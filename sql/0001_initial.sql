@@ -54,7 +54,10 @@ CREATE TABLE {schema}.inbox (
     PRIMARY KEY (dedup_scope, idempotency_key)
 );
 
-CREATE INDEX inbox_claimed_at ON {schema}.inbox (claimed_at);
+-- Pruning walks each scope's oldest claims first.
+CREATE INDEX inbox_claimed_at ON {schema}.inbox (dedup_scope, claimed_at);
+-- Reprocessing a range looks claims up by position.
+CREATE INDEX inbox_position ON {schema}.inbox (dedup_scope, topic, partition, "offset");
 
 -- Messages that could not be applied, with their raw bytes, so they can be
 -- inspected and redriven. Written in the transaction that moves the

@@ -8,6 +8,8 @@ the upsert only moves a row forward, so a stale version never rolls it back.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,16 @@ class QuakeHandler(Handler[dict[str, Any]]):
     group_id = "quake-store"
     migrations = Path(__file__).parent / "migrations"
     # USGS now and then revises an event without bumping `updated`, so one
-    # version id can carry two payloads. The row keeps the first one; the
-    # next real version replaces it, so the revision is logged, not parked.
+    # version id can carry two payloads. The row keeps the first one and the
+    # next real version replaces it, so such a revision is logged, not
+    # dead-lettered.
     on_key_conflict = "log"
+
+    def fingerprint(self, message: Message[dict[str, Any]]) -> bytes:
+        # The envelope's delivery id and poll metadata differ between polls
+        # of the same version; only the feature itself must be equal.
+        feature = json.dumps(message.payload["payload"], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(feature.encode()).digest()
 
     def idempotency_key(self, message: Message[dict[str, Any]]) -> str:
         return str(message.payload["event_id"])

@@ -339,3 +339,34 @@ async def test_batch_handler_single_attempt_dead_letters_only_poisoned_key(
     # the innocent messages must get their own call before they are given up.
     assert [letter["idempotency_key"] for letter in dead_letters] == ["k-2"]
     assert sorted(await rows.effect_keys()) == ["k-0", "k-1", "k-3", "k-4"]
+
+
+async def test_unwritable_dead_letter_table_keeps_messages_before_poison(
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    app_database: str,
+    app_role: tuple[str, str],
+    rows: Rows,
+) -> None:
+    role, role_url = app_role
+    topic = topic_factory()
+    group_id = helpers.unique_group()
+    config = helpers.worker_settings(kafka_bootstrap, role_url, topic, group_id)
+    await rows.connection.execute(f"REVOKE INSERT ON consumer.dead_letters FROM {role}")
+    records = [order_record("k-0"), order_record("k-1"), order_record("k-2", value=b"not json"), order_record("k-3")]
+    await kafka.produce(kafka_bootstrap, topic, records)
+
+    async with helpers.running_worker(handlers.OrderHandler(), config) as worker:
+
+        async def halted() -> dict[str, str]:
+            reasons: dict[str, str] = worker.health()["halted"]
+            return reasons
+
+        await wait_for(halted, timeout_s=20, description="the partition to be reported halted")
+        halted_keys = await rows.effect_keys()
+        halted_positions = await rows.next_offsets(group_id, topic)
+
+    # The undecodable record at offset 2 needs a dead letter, which cannot be
+    # written; the two records before it are valid and need none.
+    assert halted_keys == ["k-0", "k-1"]
+    assert halted_positions == {0: 2}
