@@ -136,6 +136,28 @@ async def write(
     )
 
 
+async def publish(
+    connection: asyncpg.Connection, side_queries: Any, dedup_scope: str, handler: Any, raw: RawMessage, failure: Failure
+) -> None:
+    """Queue the dead letter for the handler's dead-letter topic, in the same transaction, through the outbox."""
+    headers = list(raw.headers) + [
+        ("x-dead-letter-reason", failure.reason.encode()),
+        ("x-dead-letter-error", f"{failure.last_error_type}: {failure.last_error}".encode()[:1000]),
+        ("x-original-topic", raw.topic.encode()),
+        ("x-original-partition", str(raw.partition).encode()),
+        ("x-original-offset", str(raw.offset).encode()),
+    ]
+    await connection.execute(
+        side_queries.insert_outbox,
+        dedup_scope,
+        handler.dead_letter_topic,
+        raw.key,
+        raw.value,
+        [name for name, _ in headers],
+        [value for _, value in headers],
+    )
+
+
 async def park_key(connection: asyncpg.Connection, queries: Any, dedup_scope: str, raw: RawMessage) -> None:
     """Park `raw`'s Kafka key, so later messages with it wait behind `raw`."""
     assert raw.key is not None

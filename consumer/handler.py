@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
@@ -32,6 +32,7 @@ import pydantic
 from consumer import errors
 from consumer.message import Message, RawMessage, decoded_as
 from consumer.retry import RetryPolicy
+from consumer.side_effects import SideEffects
 
 __all__ = ["BatchHandler", "Context", "Handler", "load_handler"]
 
@@ -55,6 +56,54 @@ class Context:
     dedup_scope: str
     attempt: int
     logger: logging.Logger
+    # The message of a per-message call; None in a batch call, where the
+    # methods below take the message as an argument.
+    message: Message[Any] | None = None
+    side_effects: SideEffects | None = None
+
+    def idempotency_key(self, name: str, message: Message[Any] | None = None) -> str:
+        """Return a key for an outbound call, the same on every retry, redelivery and replay of the message.
+
+        Send it as the remote API's idempotency key (for example the
+        ``Idempotency-Key`` header) so the remote effect happens once.
+        """
+        return self._side().idempotency_key(self._message(message), name)
+
+    async def step(
+        self, name: str, call: Callable[..., Any], *args: Any, message: Message[Any] | None = None, **kwargs: Any
+    ) -> Any:
+        """Run `call` once per message and step name, and return its result, stored as JSON.
+
+        The result is committed on its own as soon as the call returns, so a
+        retry, a rollback or a redelivery gets the stored result instead of
+        calling again. Calling the same name twice in one run numbers the
+        calls, so they do not collide.
+        """
+        target = self._message(message)
+        return await self._side().step(self.connection, target, name, call, args, kwargs)
+
+    async def publish(
+        self,
+        topic: str,
+        value: Any,
+        *,
+        key: bytes | str | None = None,
+        headers: list[tuple[str, bytes | None]] | None = None,
+        message: Message[Any] | None = None,
+    ) -> str:
+        """Publish `value` to `topic` through the outbox, in this transaction; return its Idempotency-Key."""
+        return await self._side().publish(self.connection, self._message(message), topic, value, key, headers)
+
+    def _message(self, message: Message[Any] | None) -> Message[Any]:
+        chosen = message or self.message
+        if chosen is None:
+            raise errors.ConsumerError("in a batch handler, pass message= to idempotency_key, step and publish")
+        return chosen
+
+    def _side(self) -> SideEffects:
+        if self.side_effects is None:
+            raise errors.ConsumerError("steps and publishing need a worker; this context has none")
+        return self.side_effects
 
 
 class Handler(Generic[PayloadT]):
@@ -79,6 +128,8 @@ class Handler(Generic[PayloadT]):
     - `on_key_conflict`: what a key arriving again with a different payload
       does: ``dead_letter`` (default) with reason ``conflict``, ``log`` a
       warning and skip it, or treat it as a plain ``duplicate``.
+    - `dead_letter_topic`: also publish each dead letter there, through the
+      outbox, with its original key, value and headers.
     - `tombstones`: what a null value does: ``handle`` (payload None),
       ``skip``, or ``dead_letter``. Unset, it is ``handle`` without a
       `payload_model` and ``dead_letter`` with one.
@@ -94,6 +145,7 @@ class Handler(Generic[PayloadT]):
     failure_mode: ClassVar[Literal["block", "park"]] = "block"
     on_key_conflict: ClassVar[Literal["dead_letter", "log", "duplicate"]] = "dead_letter"
     tombstones: ClassVar[Literal["handle", "skip", "dead_letter"] | None] = None
+    dead_letter_topic: ClassVar[str | None] = None
 
     @classmethod
     def tombstone_policy(cls) -> Literal["handle", "skip", "dead_letter"]:

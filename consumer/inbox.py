@@ -67,6 +67,7 @@ from consumer.dead_letters import DeadLetterWriteError, ParkedKeys
 from consumer.handler import BatchHandler, Context, Handler, build_message
 from consumer.message import Message, RawMessage
 from consumer.retry import ErrorClass, RetryPolicy, classify
+from consumer.side_effects import SideEffects
 
 __all__ = [
     "AttemptRecord",
@@ -138,6 +139,10 @@ class BatchSpec:
     handler_timeout_s: float | None
     # Receives the topic and the duration of each handler call, in seconds.
     observe_handler: Callable[[str, float], None] | None = None
+    # Builds the step and outbox helper handed to each handler call.
+    side_effects: Callable[[], SideEffects] | None = None
+    # Queries of side_effects.sql, for publishing dead letters to a topic.
+    side_queries: Any = None
 
 
 @dataclass(slots=True)
@@ -505,7 +510,7 @@ async def _attempt(
     if item.build_error is not None:
         raise item.build_error
     assert item.message is not None
-    context = _context(connection, spec, attempt=attempt)
+    context = _context(connection, spec, attempt=attempt, message=item.message)
     outcome.handler_calls += 1
     if savepoints:
         async with connection.transaction():
@@ -620,20 +625,26 @@ async def _store(
         failure=failure,
         status=status,
     )
-    if item.claimed and key is not None:
-        try:
+    try:
+        if item.claimed and key is not None:
             await connection.execute(spec.queries.mark_key_dead_lettered, spec.dedup_scope, key)
-        except asyncpg.PostgresError as exc:
-            raise DeadLetterWriteError(f"cannot mark key {key!r} as dead-lettered: {exc}") from exc
+        if status == dead_letters.STATUS_DEAD and spec.handler.dead_letter_topic and spec.side_queries is not None:
+            await dead_letters.publish(connection, spec.side_queries, spec.dedup_scope, spec.handler, item.raw, failure)
+    except asyncpg.PostgresError as exc:
+        raise DeadLetterWriteError(f"cannot finish the dead letter of {item.raw.position}: {exc}") from exc
 
 
-def _context(connection: asyncpg.Connection, spec: BatchSpec, *, attempt: int) -> Context:
+def _context(
+    connection: asyncpg.Connection, spec: BatchSpec, *, attempt: int, message: Message[Any] | None = None
+) -> Context:
     return Context(
         connection=connection,
         group_id=spec.group_id,
         dedup_scope=spec.dedup_scope,
         attempt=attempt,
         logger=logging.getLogger(type(spec.handler).__module__),
+        message=message,
+        side_effects=spec.side_effects() if spec.side_effects is not None else None,
     )
 
 

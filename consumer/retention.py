@@ -22,7 +22,7 @@ import asyncpg
 from consumer import kafka
 from consumer.settings import KafkaSettings
 
-__all__ = ["check_horizon", "prune"]
+__all__ = ["check_horizon", "prune", "prune_side_effects"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,22 @@ async def prune(
             deleted,
             extra={"action": "inbox_pruned", "dedup_scope": dedup_scope, "count": deleted},
         )
+    return deleted
+
+
+async def prune_side_effects(
+    pool: asyncpg.Pool | asyncpg.Connection, side_queries: Any, dedup_scope: str, *, retention_s: float, batch_size: int
+) -> int:
+    """Delete step results and sent outbox rows older than `retention_s`, in batches; return how many."""
+    deleted = 0
+    for query in (side_queries.prune_steps, side_queries.prune_outbox):
+        while True:
+            status: str = await pool.execute(query, dedup_scope, retention_s, batch_size)
+            count = int(status.split()[-1])
+            deleted += count
+            if count < batch_size:
+                break
+            await anyio.sleep(_PAUSE_S)
     return deleted
 
 

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from consumer import db, errors, kafka, retention, retry
+from consumer import db, errors, kafka, outbox, retention, retry
 from consumer.handler import Handler
 from consumer.inbox import BatchSpec
 from consumer.message import RawMessage
@@ -34,6 +34,7 @@ from consumer.metrics import Metrics
 from consumer.processor import PartitionProcessor, ProcessorHooks
 from consumer.retry import RetryPolicy
 from consumer.settings import Settings
+from consumer.side_effects import SideEffects
 from consumer.stats import Stats
 
 __all__ = ["Worker"]
@@ -68,6 +69,10 @@ class Worker:
         self._fatal: BaseException | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._pool: asyncpg.Pool | None = None
+        # Connections outside batch transactions (step results), kept apart so
+        # a step never waits for a connection held by a batch.
+        self._side_pool: asyncpg.Pool | None = None
+        self._relay: outbox.Relay | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._spec: BatchSpec | None = None
         self.started = False
@@ -89,7 +94,12 @@ class Worker:
         """Consume until `stop` is called; raise the error that ended the worker, if any."""
         settings = self.settings
         self._pool = await db.create_pool(settings.postgres)
+        self._side_pool = await db.create_pool(
+            settings.postgres.model_copy(update={"pool_min_size": 0, "pool_max_size": 4})
+        )
         queries = db.load_queries("inbox.sql", settings.postgres.schema_name)
+        side_queries = db.load_queries("side_effects.sql", settings.postgres.schema_name)
+        self._relay = outbox.Relay(self._pool, side_queries, self.dedup_scope, lambda: kafka.producer(settings.kafka))
         self._spec = BatchSpec(
             handler=self.handler,
             queries=queries,
@@ -98,6 +108,10 @@ class Worker:
             policy=self.policy,
             handler_timeout_s=settings.worker.handler_timeout_s,
             observe_handler=self._observe_handler,
+            side_effects=lambda: SideEffects(
+                queries=side_queries, dedup_scope=self.dedup_scope, acquire_side_connection=self._acquire_side
+            ),
+            side_queries=side_queries,
         )
         self._consumer = kafka.consumer(settings.kafka, self.group_id)
         try:
@@ -111,6 +125,7 @@ class Worker:
                 task_group.start_soon(self._mirror_loop)
                 task_group.start_soon(self._gauges_loop)
                 task_group.start_soon(self._prune_loop)
+                task_group.start_soon(self._relay.run)
                 task_group.start_soon(
                     retention.check_horizon, settings.kafka, self.topics, settings.worker.inbox_retention_s
                 )
@@ -190,9 +205,11 @@ class Worker:
                     extra={"action": "group_leave_failed", "group_id": self.group_id},
                 )
             self._consumer = None
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        for pool in (self._pool, self._side_pool):
+            if pool is not None:
+                await pool.close()
+        self._pool = None
+        self._side_pool = None
         if self.started:
             self.started = False
             logger.info(
@@ -249,6 +266,14 @@ class Worker:
 
     def _committed(self, topic: str, partition: int, next_offset: int) -> None:
         self._mirror[TopicPartition(topic, partition)] = next_offset
+        if self._relay is not None:
+            # The batch may have published; the relay checks right away
+            # instead of at its next poll.
+            self._relay.notify()
+
+    def _acquire_side(self) -> Any:
+        assert self._side_pool is not None
+        return self._side_pool.acquire()
 
     async def _mirror_loop(self) -> None:
         while True:
@@ -286,12 +311,20 @@ class Worker:
         assert self._pool is not None
         worker_settings = self.settings.worker
         queries = db.load_queries("replay.sql", self.settings.postgres.schema_name)
+        side_queries = db.load_queries("side_effects.sql", self.settings.postgres.schema_name)
         while True:
             await anyio.sleep(worker_settings.prune_interval_s)
             try:
                 await retention.prune(
                     self._pool,
                     queries,
+                    self.dedup_scope,
+                    retention_s=worker_settings.inbox_retention_s,
+                    batch_size=worker_settings.prune_batch_size,
+                )
+                await retention.prune_side_effects(
+                    self._pool,
+                    side_queries,
                     self.dedup_scope,
                     retention_s=worker_settings.inbox_retention_s,
                     batch_size=worker_settings.prune_batch_size,

@@ -90,8 +90,8 @@ async def test_permanent_failure_dead_letters_on_first_attempt(
     assert list(letters) == [1]
     assert letters[1]["reason"] == "permanent"
     assert letters[1]["last_error_type"] == error_type
-    assert letters[1]["attempts"] == 1
     assert await rows.invocations("k-1") == 1
+    assert letters[1]["attempts"] == 1
     assert worker.stats.dead_letter_reasons == {"permanent": 1}
 
 

@@ -8,6 +8,9 @@ the outcome from PostgreSQL through `Rows`.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -23,6 +26,7 @@ from consumer import migrations, settings
 from consumer.handler import Handler
 from consumer.worker import Worker
 from tests.support import handlers, kafka
+from tests.support.process import REPO_ROOT
 from tests.support.waiting import wait_for
 
 __all__ = [
@@ -34,6 +38,7 @@ __all__ = [
     "migrate",
     "order_record",
     "produce_at_once",
+    "run_cli",
     "running_worker",
     "unique_group",
     "url_with_user",
@@ -101,6 +106,25 @@ async def migrate(database_url: str) -> None:
         await migrations.migrate(connection, "consumer", HANDLER_NAMESPACE, migrations.discover(handlers.MIGRATIONS))
     finally:
         await connection.close()
+
+
+def run_cli(*args: str, env: Mapping[str, str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m consumer *args`` to the end and return its exit code and output.
+
+    The child gets this environment without any ``CONSUMER_*`` variable, then `env`.
+    """
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("CONSUMER_")}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", *args],
+        env=environment,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
 
 
 def url_with_user(url: str, user: str, password: str) -> str:

@@ -106,5 +106,6 @@ async def test_dead_letter_keeps_headers_and_key_bytes(
     assert letter["value"] == UNDECODABLE
     assert letter["header_names"] == [name for name, _ in headers]
     assert letter["header_values"] == [value for _, value in headers]
-    assert letter["idempotency_key"] is None or letter["idempotency_key"] == "k-0"
+    # The key is derived from the decoded message, and this one never decoded.
+    assert letter["idempotency_key"] is None
     assert await rows.effect_keys() == ["k-1"]
