@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from consumer import cli_dead_letters, cli_replay, errors, logs, settings
+from consumer import cli_dead_letters, cli_operations, cli_replay, errors, logs, settings
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_UNAVAILABLE", "build_parser", "main", "main_entry"]
 
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_dead_letters.add_parser(commands, _add_common)
     cli_replay.add_parsers(commands, _add_common)
+    cli_operations.add_parsers(commands, _add_common)
 
     config = commands.add_parser("config", help="Print the effective settings with secrets masked.")
     _add_common(config)
@@ -139,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_UNAVAILABLE, verbose)
     except errors.ConsumerError as exc:
         return _fail(exc, EXIT_FAILURE, verbose)
+    except Exception as exc:
+        # An error the framework did not expect, often from a handler's
+        # import or set-up: one line by default, the traceback with -v.
+        detail = f"unexpected {type(exc).__name__}: {exc}" + ("" if verbose else " (run with -v for the traceback)")
+        return _fail(errors.ConsumerError(detail), EXIT_FAILURE, verbose)
 
 
 def main_entry() -> None:
@@ -159,8 +165,29 @@ def _run(args: argparse.Namespace, config: settings.Settings) -> int:
 
     handler_class = load_handler(args.handler)
     worker = Worker(handler_class(), config)
-    anyio.run(_run_until_signal, worker, backend="asyncio")
+    try:
+        anyio.run(_run_until_signal, worker, backend="asyncio")
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
     return EXIT_OK
+
+
+def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """Return the error that ended the worker, preferring the framework's own, from nested task groups."""
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(group)
+    for leaf in leaves:
+        if isinstance(leaf, errors.ConsumerError):
+            return leaf
+    return leaves[0]
 
 
 async def _run_until_signal(worker: Any) -> None:
@@ -238,4 +265,6 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, settings.Settings], int]] = {
     "dead-letters": cli_dead_letters.run,
     "replay": cli_replay.run_replay,
     "prune": cli_replay.run_prune,
+    "status": cli_operations.run_status,
+    "healthcheck": cli_operations.run_healthcheck,
 }

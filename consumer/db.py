@@ -79,15 +79,20 @@ async def connect(settings: PostgresSettings) -> asyncpg.Connection:
     return connection
 
 
-async def create_pool(settings: PostgresSettings) -> asyncpg.Pool:
-    """Open the worker's pool; at least one connection is made so a bad DSN fails at start-up."""
+async def create_pool(settings: PostgresSettings, *, side: bool = False) -> asyncpg.Pool:
+    """Open the worker's pool; at least one connection is made so a bad DSN fails at start-up.
+
+    With `side`, open the small pool for work outside batch transactions
+    (step results, the outbox relay): at most 4 connections, none kept while
+    idle, named ``<application_name>:side`` in pg_stat_activity.
+    """
     kwargs = _connect_kwargs(settings)
+    sizes: dict[str, float] = {"min_size": max(settings.pool_min_size, 1), "max_size": settings.pool_max_size}
+    if side:
+        sizes = {"min_size": 0, "max_size": 4, "max_inactive_connection_lifetime": 30.0}
+        kwargs["server_settings"] = {"application_name": f"{settings.application_name}:side"}
     try:
-        pool = await asyncpg.create_pool(
-            min_size=max(settings.pool_min_size, 1),
-            max_size=settings.pool_max_size,
-            **kwargs,
-        )
+        pool = await asyncpg.create_pool(**sizes, **kwargs)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise _connection_error(settings, exc) from None
     assert pool is not None

@@ -86,7 +86,11 @@ async def write(
     failure: Failure,
     status: str,
 ) -> None:
-    """Insert (or refresh) the dead letter of `raw`; raise `DeadLetterWriteError` when PostgreSQL refuses."""
+    """Insert (or refresh) the dead letter of `raw`; raise `DeadLetterWriteError` when PostgreSQL refuses.
+
+    Nothing is logged here: the batch may still roll back. The processor logs
+    each dead letter once its transaction committed.
+    """
     try:
         await connection.execute(
             queries.insert_dead_letter,
@@ -116,24 +120,6 @@ async def write(
             f"cannot write the dead letter for {raw.position}: {type(exc).__name__}: {exc}; "
             "the partition stays at this message until the dead_letters table is writable again"
         ) from exc
-    log = logger.warning if status == STATUS_PARKED else logger.error
-    log(
-        "message %s after %d attempt(s): %s: %s",
-        "parked" if status == STATUS_PARKED else "dead-lettered",
-        failure.attempts,
-        failure.last_error_type,
-        failure.last_error,
-        extra={
-            "action": "message_parked" if status == STATUS_PARKED else "message_dead_lettered",
-            "group_id": group_id,
-            "topic": raw.topic,
-            "partition": raw.partition,
-            "offset": raw.offset,
-            "handler": handler_name,
-            "attempt": failure.attempts,
-            "reason": failure.reason,
-        },
-    )
 
 
 async def publish(

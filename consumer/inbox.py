@@ -55,7 +55,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +105,9 @@ class AttemptRecord:
     last_error_type: str = ""
     last_error: str = ""
     traceback: str = ""
+    # Set when the failure was permanent: the next pass dead-letters the
+    # message without calling the handler again.
+    give_up_reason: str | None = None
 
     def add(self, exc: BaseException) -> None:
         error_type = type(exc).__name__
@@ -174,6 +177,8 @@ class BatchOutcome:
     failure: BaseException | None = None
     handler_calls: int = 0
     dead_letter_reasons: list[str] = field(default_factory=list)
+    # Dead letters and parked messages written, logged once the batch committed.
+    dead_letter_events: list[tuple[RawMessage, dead_letters.Failure, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -245,9 +250,14 @@ async def apply_batch(
             await _run(
                 connection, spec, items, attempts, outcome, parked, savepoints=savepoints, should_stop=should_stop
             )
-        except RetryWithSavepoints:
+        except RetryWithSavepoints as signal:
             with anyio.CancelScope(shield=True):
-                await transaction.rollback()
+                try:
+                    await transaction.rollback()
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    raise errors.InfrastructureError(
+                        f"rolling back after a handler failure failed: {type(exc).__name__}: {exc}"
+                    ) from signal.error
             raise
         outcome.next_offset = outcome.stopped_at if outcome.stopped_at is not None else raws[-1].offset + 1
 
@@ -331,7 +341,7 @@ async def _claim(connection: asyncpg.Connection, spec: BatchSpec, items: list[_I
         earlier = first_copy.get(message.idempotency_key)
         if earlier is not None:
             item.duplicate = True
-            if earlier.fingerprint != item.fingerprint:
+            if earlier.fingerprint != item.fingerprint and spec.handler.on_key_conflict != "duplicate":
                 item.conflict_with = earlier.raw.offset
             continue
         first_copy[message.idempotency_key] = item
@@ -389,9 +399,13 @@ async def _run(
         if should_stop():
             await _stop_at(connection, spec, items, index, outcome, failure=None)
             return
-        if await _settle_without_handler(connection, spec, item, outcome, parked):
-            continue
-        failure = await _run_one(connection, spec, item, attempts, outcome, parked, savepoints=savepoints)
+        try:
+            if await _settle_without_handler(connection, spec, item, outcome, parked):
+                continue
+            failure = await _run_one(connection, spec, item, attempts, outcome, parked, savepoints=savepoints)
+        except DeadLetterWriteError as exc:
+            # Commit what came before the message; the partition stays at it.
+            failure = exc
         if failure is not None:
             await _stop_at(connection, spec, items, index, outcome, failure=failure)
             return
@@ -433,7 +447,15 @@ async def _run_whole_batch(
 ) -> None:
     handler = spec.handler
     assert isinstance(handler, BatchHandler)
-    runnable = [item for item in items if not await _settle_without_handler(connection, spec, item, outcome, parked)]
+    runnable = []
+    for item in items:
+        try:
+            settled = await _settle_without_handler(connection, spec, item, outcome, parked)
+        except DeadLetterWriteError as exc:
+            # Redone one message at a time, where the batch stops at this one.
+            raise RetryWithSavepoints(item.raw.offset, exc) from exc
+        if not settled:
+            runnable.append(item)
     broken = next((item for item in runnable if item.build_error is not None), None)
     if broken is not None:
         assert broken.build_error is not None
@@ -449,12 +471,12 @@ async def _run_whole_batch(
         with timeout:
             await handler.handle_batch(messages, context)
     except Exception as exc:
+        _raise_if_connection_lost(connection, exc)
         if classify(exc, spec.policy) is ErrorClass.INFRASTRUCTURE:
             raise
-        # Which message failed is unknown: each gets the attempt, so a poison
-        # message is not retried more often than the policy allows.
-        for message in messages:
-            attempts.setdefault(message.offset, AttemptRecord()).add(exc)
+        # Which message failed is unknown, so no message is charged an
+        # attempt: the batch is redone one message at a time, and each
+        # message gets its own attempts there.
         raise RetryWithSavepoints(messages[0].offset, exc) from exc
     outcome.applied += len(messages)
 
@@ -472,22 +494,25 @@ async def _run_one(
     """Run the handler for one message; return the failure when the message must be retried later."""
     offset = item.raw.offset
     record = attempts.get(offset)
-    if record is not None and record.count >= spec.policy.max_attempts:
-        # Attempts were used up before, but the dead letter was not committed
-        # (its write failed or the transaction was lost): write it now
-        # instead of calling the handler again.
-        await _give_up(connection, spec, item, record, _reason(record), outcome, parked)
+    if record is not None and (record.give_up_reason or record.count >= spec.policy.max_attempts):
+        # The message failed for good before, but its dead letter was not
+        # committed (the fast path rolled back, its write failed, or the
+        # transaction was lost): write it now instead of calling the handler.
+        await _give_up(connection, spec, item, record, record.give_up_reason or _reason(record), outcome, parked)
         return None
 
     attempt = (record.count if record else 0) + 1
     try:
         await _attempt(connection, spec, item, attempt, savepoints=savepoints, outcome=outcome)
     except Exception as exc:
+        _raise_if_connection_lost(connection, exc)
         error_class = classify(exc, spec.policy)
         if error_class is ErrorClass.INFRASTRUCTURE:
             raise
         record = attempts.setdefault(offset, AttemptRecord())
         record.add(exc)
+        if error_class is ErrorClass.PERMANENT:
+            record.give_up_reason = _reason_for(exc, error_class)
         if not savepoints:
             raise RetryWithSavepoints(offset, exc) from exc
         if error_class is ErrorClass.PERMANENT or record.count >= spec.policy.max_attempts:
@@ -564,11 +589,12 @@ async def _give_up(
     record.count = max(record.count, 1)
     failure = record.failure(reason)
     if parked.enabled and item.raw.key is not None:
-        await dead_letters.park_key(connection, spec.queries, spec.dedup_scope, item.raw)
+        async with _savepoint(connection):
+            await dead_letters.park_key(connection, spec.queries, spec.dedup_scope, item.raw)
+            await _park(connection, spec, item, failure, outcome)
         parked.keys.add(item.raw.key)
-        await _park(connection, spec, item, failure, outcome)
         return
-    await _store(connection, spec, item, failure, dead_letters.STATUS_DEAD)
+    await _store(connection, spec, item, failure, dead_letters.STATUS_DEAD, outcome)
     outcome.dead_lettered += 1
     outcome.dead_letter_reasons.append(reason)
 
@@ -576,7 +602,7 @@ async def _give_up(
 async def _park(
     connection: asyncpg.Connection, spec: BatchSpec, item: _Item, failure: dead_letters.Failure, outcome: BatchOutcome
 ) -> None:
-    await _store(connection, spec, item, failure, dead_letters.STATUS_PARKED)
+    await _store(connection, spec, item, failure, dead_letters.STATUS_PARKED, outcome)
     outcome.parked += 1
     outcome.dead_letter_reasons.append(failure.reason)
 
@@ -592,7 +618,7 @@ async def _conflict(connection: asyncpg.Connection, spec: BatchSpec, item: _Item
     if spec.handler.on_key_conflict == "dead_letter":
         record = AttemptRecord()
         record.add(errors.PermanentError(detail))
-        await _store(connection, spec, item, record.failure("conflict"), dead_letters.STATUS_DEAD)
+        await _store(connection, spec, item, record.failure("conflict"), dead_letters.STATUS_DEAD, outcome)
         outcome.dead_lettered += 1
         outcome.dead_letter_reasons.append("conflict")
         return
@@ -610,7 +636,30 @@ async def _conflict(connection: asyncpg.Connection, spec: BatchSpec, item: _Item
     )
 
 
+@contextlib.asynccontextmanager
+async def _savepoint(connection: asyncpg.Connection) -> AsyncIterator[None]:
+    """Run a dead-letter write in a savepoint, so its failure leaves the batch transaction usable."""
+    try:
+        async with connection.transaction():
+            yield
+    except asyncpg.PostgresError as exc:
+        raise DeadLetterWriteError(f"{type(exc).__name__}: {exc}") from exc
+
+
 async def _store(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    item: _Item,
+    failure: dead_letters.Failure,
+    status: str,
+    outcome: BatchOutcome,
+) -> None:
+    async with _savepoint(connection):
+        await _write_dead_letter(connection, spec, item, failure, status)
+    outcome.dead_letter_events.append((item.raw, failure, status))
+
+
+async def _write_dead_letter(
     connection: asyncpg.Connection, spec: BatchSpec, item: _Item, failure: dead_letters.Failure, status: str
 ) -> None:
     key = item.message.idempotency_key if item.message is not None else None
@@ -632,6 +681,14 @@ async def _store(
             await dead_letters.publish(connection, spec.side_queries, spec.dedup_scope, spec.handler, item.raw, failure)
     except asyncpg.PostgresError as exc:
         raise DeadLetterWriteError(f"cannot finish the dead letter of {item.raw.position}: {exc}") from exc
+
+
+def _raise_if_connection_lost(connection: asyncpg.Connection, exc: BaseException) -> None:
+    """Turn a handler error caused by a lost connection into an infrastructure error, retried as a batch."""
+    if connection.is_closed():
+        raise errors.InfrastructureError(
+            f"the PostgreSQL connection was lost during the handler: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _context(

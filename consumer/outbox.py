@@ -23,7 +23,6 @@ __all__ = ["Relay"]
 logger = logging.getLogger(__name__)
 
 _BATCH_SIZE = 200
-_IDLE_POLL_S = 1.0
 _RETRY_DELAY_S = 1.0
 
 
@@ -45,14 +44,13 @@ class Relay:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Send rows until cancelled."""
+        """Send rows until cancelled: once at start (rows left by a crash), then whenever notified."""
         try:
             while True:
-                with anyio.move_on_after(_IDLE_POLL_S):
-                    await self._wakeup.wait()
-                self._wakeup = anyio.Event()
                 while await self.send_batch() == _BATCH_SIZE:
                     pass
+                await self._wakeup.wait()
+                self._wakeup = anyio.Event()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.close()
@@ -80,7 +78,11 @@ class Relay:
                 extra={"action": "outbox_relay_failed", "dedup_scope": self._dedup_scope},
             )
             await anyio.sleep(_RETRY_DELAY_S)
+            # Try again even if nobody publishes meanwhile.
+            self._wakeup.set()
             return 0
+        if len(sent) < len(rows):
+            self._wakeup.set()
         self.sent += len(sent)
         return len(sent)
 

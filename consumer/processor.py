@@ -8,6 +8,7 @@ a failed message blocks the partition, while other partitions go on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -146,9 +147,12 @@ class PartitionProcessor:
                 outcome = await self._transaction(batch, savepoints=savepoints)
             except RetryWithSavepoints as signal:
                 # The fast path failed on one message: redo the batch with a
-                # savepoint per message, after the backoff of its attempt.
+                # savepoint per message, after the backoff of its attempt. A
+                # permanent failure needs no backoff: the redo dead-letters it.
                 savepoints = True
-                await self._back_off_after_failure(signal.offset, signal.error)
+                record = self._attempts.get(signal.offset)
+                if record is None or record.give_up_reason is None:
+                    await self._back_off_after_failure(signal.offset, signal.error)
                 continue
             except Exception as exc:
                 if not retry.is_infrastructure(exc):
@@ -157,8 +161,6 @@ class PartitionProcessor:
                 await self._back_off_infrastructure(exc, infra_failures)
                 continue
 
-            infra_failures = 0
-            self.halted_reason = None
             if outcome.repositioned:
                 self._follow_replay(outcome)
                 return
@@ -171,10 +173,19 @@ class PartitionProcessor:
             self._record(outcome)
             self._hooks.committed(self.topic, self.partition, outcome.next_offset)
             if outcome.stopped_at is None:
+                self.halted_reason = None
                 if outcome.next_offset > batch[-1].offset + 1:
                     self._skip_to(outcome.next_offset)
                 return
             batch = [raw for raw in batch if raw.offset >= outcome.stopped_at]
+            if isinstance(outcome.failure, inbox.DeadLetterWriteError):
+                # What came before the message committed; the partition stays
+                # at it, reported halted, until the dead letter can be written.
+                infra_failures += 1
+                await self._back_off_infrastructure(outcome.failure, infra_failures)
+                continue
+            infra_failures = 0
+            self.halted_reason = None
             if outcome.failure is not None:
                 await self._back_off_after_failure(outcome.stopped_at, outcome.failure)
 
@@ -203,8 +214,11 @@ class PartitionProcessor:
             if not clean:
                 # The transaction may still be open on the server (cancelled
                 # mid-statement or mid-BEGIN). Closing the socket is the only
-                # way to be sure it is rolled back and never reused.
-                connection.terminate()
+                # way to be sure it is rolled back and never reused. A
+                # connection asyncpg already detached after losing its socket
+                # refuses the call, and needs none.
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    connection.terminate()
             with anyio.CancelScope(shield=True):
                 await self._pool.release(connection)
 
@@ -221,6 +235,25 @@ class PartitionProcessor:
         stats.conflicts += outcome.conflicts
         stats.tombstones_skipped += outcome.tombstones_skipped
         self.last_committed_at = time.time()
+        for raw, failure, status in outcome.dead_letter_events:
+            parked = status == "parked"
+            (logger.warning if parked else logger.error)(
+                "message %s after %d attempt(s): %s: %s",
+                "parked" if parked else "dead-lettered",
+                failure.attempts,
+                failure.last_error_type,
+                failure.last_error,
+                extra={
+                    "action": "message_parked" if parked else "message_dead_lettered",
+                    "group_id": self._spec.group_id,
+                    "topic": raw.topic,
+                    "partition": raw.partition,
+                    "offset": raw.offset,
+                    "handler": self._spec.handler.name(),
+                    "attempt": failure.attempts,
+                    "reason": failure.reason,
+                },
+            )
         metrics, labels = self._metrics, self._labels
         if outcome.applied:
             metrics.messages_processed.labels(*labels).inc(outcome.applied)
@@ -305,7 +338,7 @@ class PartitionProcessor:
         delay = delay / 2 + self._rng.uniform(0, delay / 2)
         self._stats.infrastructure_retries += 1
         self._metrics.retries.labels(*self._labels, "infrastructure").inc()
-        if failures >= _HALT_AFTER_FAILURES:
+        if failures >= _HALT_AFTER_FAILURES or isinstance(error, inbox.DeadLetterWriteError):
             self.halted_reason = f"{type(error).__name__}: {error}"
         log = logger.error if isinstance(error, inbox.DeadLetterWriteError) else logger.warning
         # One line per failure streak length that is a power of two keeps a

@@ -81,6 +81,10 @@ async def redrive(
                 await _redrive_parked_key(connection, queries, handler, key, result)
             continue
         await _redrive_one(connection, queries, handler, dead_letter_id, result)
+    # A parked letter another redrive resolved first, while this one waited
+    # for its key, is reported as skipped rather than left out.
+    reported = set(result.resolved) | set(result.already_applied) | set(result.skipped) | set(result.failed)
+    result.skipped.extend(sorted(set(ids) - reported))
     return result
 
 

@@ -83,8 +83,11 @@ def is_infrastructure(exc: BaseException) -> bool:
         return True
     if isinstance(exc, asyncpg.PostgresConnectionError | ConnectionError):
         return True
-    if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
-        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        # asyncpg detaches a pool connection whose socket was lost; every
+        # later call on it says so in one of these words.
+        text = str(exc)
+        return "closed" in text or "released back to the pool" in text
     if isinstance(exc, asyncpg.PostgresError):
         return getattr(exc, "sqlstate", None) in _TRANSIENT_SQLSTATES
     return False

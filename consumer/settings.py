@@ -306,12 +306,13 @@ def mask_dsn(dsn: str) -> str:
         parts = urlsplit(dsn)
     except ValueError:
         return "***"
-    if parts.password is None:
+    userinfo, at, host_and_port = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return dsn
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
+    # Work on the raw netloc so brackets of an IPv6 host and an invalid
+    # port survive as written.
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit((parts.scheme, f"{user}:***@{host_and_port}", parts.path, parts.query, parts.fragment))
 
 
 def env_var_names() -> dict[str, str]:

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from consumer import db, errors, kafka, outbox, retention, retry
+from consumer import db, errors, health, kafka, outbox, retention, retry
 from consumer.handler import Handler
 from consumer.inbox import BatchSpec
 from consumer.message import RawMessage
@@ -64,6 +64,9 @@ class Worker:
         self.metrics = Metrics(self.group_id)
         self._processors: dict[TopicPartition, PartitionProcessor] = {}
         self._mirror: dict[TopicPartition, int] = {}
+        # One Kafka commit at a time: the final commit of a shutdown waits
+        # for a periodic one in flight instead of missing its offsets.
+        self._mirror_lock = anyio.Lock()
         self._stop_event = anyio.Event()
         self._stopping = False
         self._fatal: BaseException | None = None
@@ -73,6 +76,7 @@ class Worker:
         # a step never waits for a connection held by a batch.
         self._side_pool: asyncpg.Pool | None = None
         self._relay: outbox.Relay | None = None
+        self._publish_pending = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._spec: BatchSpec | None = None
         self.started = False
@@ -94,12 +98,12 @@ class Worker:
         """Consume until `stop` is called; raise the error that ended the worker, if any."""
         settings = self.settings
         self._pool = await db.create_pool(settings.postgres)
-        self._side_pool = await db.create_pool(
-            settings.postgres.model_copy(update={"pool_min_size": 0, "pool_max_size": 4})
-        )
+        self._side_pool = await db.create_pool(settings.postgres, side=True)
         queries = db.load_queries("inbox.sql", settings.postgres.schema_name)
         side_queries = db.load_queries("side_effects.sql", settings.postgres.schema_name)
-        self._relay = outbox.Relay(self._pool, side_queries, self.dedup_scope, lambda: kafka.producer(settings.kafka))
+        self._relay = outbox.Relay(
+            self._side_pool, side_queries, self.dedup_scope, lambda: kafka.producer(settings.kafka)
+        )
         self._spec = BatchSpec(
             handler=self.handler,
             queries=queries,
@@ -109,7 +113,10 @@ class Worker:
             handler_timeout_s=settings.worker.handler_timeout_s,
             observe_handler=self._observe_handler,
             side_effects=lambda: SideEffects(
-                queries=side_queries, dedup_scope=self.dedup_scope, acquire_side_connection=self._acquire_side
+                queries=side_queries,
+                dedup_scope=self.dedup_scope,
+                acquire_side_connection=self._acquire_side,
+                on_publish=self._published,
             ),
             side_queries=side_queries,
         )
@@ -130,6 +137,8 @@ class Worker:
                     retention.check_horizon, settings.kafka, self.topics, settings.worker.inbox_retention_s
                 )
                 # Side tasks: each one ends the worker if it fails.
+                if settings.worker.health_port is not None:
+                    task_group.start_soon(health.serve, self)
                 self.started = True
                 await self._stop_event.wait()
                 fetch_scope.cancel()
@@ -266,10 +275,14 @@ class Worker:
 
     def _committed(self, topic: str, partition: int, next_offset: int) -> None:
         self._mirror[TopicPartition(topic, partition)] = next_offset
-        if self._relay is not None:
-            # The batch may have published; the relay checks right away
-            # instead of at its next poll.
+        if self._relay is not None and self._publish_pending:
+            # A handler published since the last commit: the relay sends now
+            # rather than polling the outbox on a timer.
+            self._publish_pending = False
             self._relay.notify()
+
+    def _published(self) -> None:
+        self._publish_pending = True
 
     def _acquire_side(self) -> Any:
         assert self._side_pool is not None
@@ -282,6 +295,10 @@ class Worker:
 
     async def _commit_mirror(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit stored positions to Kafka for tooling; a failure is logged and retried next time."""
+        async with self._mirror_lock:
+            await self._commit_mirror_locked(only)
+
+    async def _commit_mirror_locked(self, only: Iterable[TopicPartition] | None) -> None:
         consumer = self._consumer
         if consumer is None or not self._mirror:
             return
@@ -293,8 +310,14 @@ class Worker:
         if not offsets:
             return
         try:
-            await consumer.commit(offsets)
+            with anyio.CancelScope(shield=True):
+                await consumer.commit(offsets)
         except (KafkaError, AssertionError) as exc:
+            # Put the offsets back unless a newer position arrived meanwhile,
+            # so the next commit retries them.
+            for tp, offset in offsets.items():
+                if tp in consumer.assignment():
+                    self._mirror.setdefault(tp, offset)
             # PostgreSQL already holds these positions; Kafka's copy only
             # feeds lag tools, so a lost partition's commit is simply dropped.
             self.stats.kafka_commit_failures += 1

@@ -22,10 +22,18 @@ from tests.support import kafka
 from tests.support.process import WorkerProcess
 
 __all__ = [
+    "ASSIGNED_LINE",
+    "HEARTBEAT_INTERVAL_S",
     "ORDER_HANDLER",
+    "RETRY_LINE",
+    "REVOKED_LINE",
+    "SESSION_TIMEOUT_S",
+    "STARTED_LINE",
+    "STOPPED_LINE",
     "TWO_STEP_HANDLER",
     "Deployment",
     "Rows",
+    "lines_with",
     "order_record",
     "wait_for_exit",
     "wait_for_invocation",
@@ -41,6 +49,7 @@ STARTED_LINE = "worker started:"
 ASSIGNED_LINE = "partitions assigned:"
 REVOKED_LINE = "partitions revoked:"
 STOPPED_LINE = "worker stopped:"
+RETRY_LINE = "handler failed on attempt"
 
 # The broker's group timing used by every worker unless a test overrides it.
 # A session timeout of 6 s is the smallest one Kafka accepts by default
@@ -71,11 +80,10 @@ class Deployment:
     log_dir: Path
     group_id: str = field(default_factory=lambda: f"acceptance-{uuid.uuid4().hex[:10]}")
 
-    def env(self, *, hooks: Mapping[str, Any] | None = None, name: str = "", **settings: object) -> dict[str, str]:
-        """Return the environment of a worker; ``settings`` are named like the variables without the prefix.
-
-        For example ``worker__max_batch_size=1`` sets ``CONSUMER_WORKER__MAX_BATCH_SIZE=1``.
-        """
+    def env(
+        self, *, name: str = "", hooks: Mapping[str, Any] | None = None, settings: Mapping[str, object] | None = None
+    ) -> dict[str, str]:
+        """Return the environment of a worker, with ``settings`` mapping further ``CONSUMER_*`` variables to values."""
         env = {
             "CONSUMER_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
             "CONSUMER_KAFKA__TOPICS": self.topic,
@@ -87,8 +95,7 @@ class Deployment:
         }
         if name:
             env["CONSUMER_TEST_WORKER"] = name
-        for setting, value in settings.items():
-            env[f"CONSUMER_{setting.upper()}"] = str(value)
+        env.update({variable: str(value) for variable, value in (settings or {}).items()})
         return env
 
     def start(
@@ -97,10 +104,10 @@ class Deployment:
         *,
         handler: str = ORDER_HANDLER,
         hooks: Mapping[str, Any] | None = None,
-        **settings: object,
+        settings: Mapping[str, object] | None = None,
     ) -> WorkerProcess:
         """Start ``python -m consumer run handler`` as a worker named ``name`` in the effect rows."""
-        return self.start_process(handler, env=self.env(hooks=hooks, name=name, **settings))
+        return self.start_process(handler, env=self.env(name=name, hooks=hooks, settings=settings))
 
     async def migrate(self) -> None:
         """Apply the framework's and the test handlers' migrations with ``consumer migrate``."""
@@ -147,9 +154,7 @@ class Rows:
         return {row["idem_key"]: row["worker"] for row in rows}
 
     async def effects_per_partition(self) -> dict[int, int]:
-        rows = await self.connection.fetch(
-            "SELECT partition, count(*) AS n FROM test_app.effects GROUP BY partition"
-        )
+        rows = await self.connection.fetch("SELECT partition, count(*) AS n FROM test_app.effects GROUP BY partition")
         return {row["partition"]: row["n"] for row in rows}
 
     async def ledger_per_key(self) -> dict[str, int]:
@@ -165,9 +170,7 @@ class Rows:
         return [row["idem_key"] for row in rows]
 
     async def invocations_per_key(self) -> dict[str, int]:
-        rows = await self.connection.fetch(
-            "SELECT idem_key, count(*) AS n FROM test_app.invocations GROUP BY idem_key"
-        )
+        rows = await self.connection.fetch("SELECT idem_key, count(*) AS n FROM test_app.invocations GROUP BY idem_key")
         return {row["idem_key"]: row["n"] for row in rows}
 
     async def positions(self) -> dict[int, int]:
@@ -211,6 +214,11 @@ class Rows:
             "SELECT count(*) FROM consumer.inbox WHERE dedup_scope = $1", self.deployment.group_id
         )
         return count
+
+
+def lines_with(process: WorkerProcess, text: str) -> list[str]:
+    """Return the lines of the worker's stderr that contain ``text``."""
+    return [line for line in process.read_stderr().splitlines() if text in line]
 
 
 async def wait_for_output(

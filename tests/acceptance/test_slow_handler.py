@@ -36,7 +36,9 @@ async def test_slow_handler_keeps_group_membership(deploy: Deploy) -> None:
     deployment, rows = await deploy(1)
     await deployment.produce([order_record(key) for key in KEYS])
 
-    worker = deployment.start("only", hooks=SLOW_HOOK, kafka__max_poll_interval_s=MAX_POLL_INTERVAL_S)
+    worker = deployment.start(
+        "only", hooks=SLOW_HOOK, settings={"CONSUMER_KAFKA__MAX_POLL_INTERVAL_S": MAX_POLL_INTERVAL_S}
+    )
     await wait_for_positions(rows, {0: 3}, timeout_s=60)
     log_before_stop = worker.read_stderr()
     worker.terminate()
@@ -57,10 +59,10 @@ async def test_slow_handler_keeps_group_membership(deploy: Deploy) -> None:
 async def test_slow_handler_with_two_members_applies_once(deploy: Deploy) -> None:
     deployment, rows = await deploy(1)
     await deployment.produce([order_record(key) for key in KEYS])
-    settings = {"kafka__max_poll_interval_s": MAX_POLL_INTERVAL_S}
+    settings = {"CONSUMER_KAFKA__MAX_POLL_INTERVAL_S": MAX_POLL_INTERVAL_S}
 
     started = time.monotonic()
-    workers = [deployment.start(name, hooks=SLOW_HOOK, **settings) for name in ("A", "B")]
+    workers = [deployment.start(name, hooks=SLOW_HOOK, settings=settings) for name in ("A", "B")]
     await wait_for_positions(rows, {0: 3}, timeout_s=90)
     finished_after_s = time.monotonic() - started
     alive = [worker.returncode is None for worker in workers]

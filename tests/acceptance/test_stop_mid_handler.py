@@ -2,8 +2,8 @@
 
 The two-step handler writes an effect row, sleeps, then writes a ledger row,
 all in the batch transaction. A watcher on its own connection reads both
-tables every 100 ms for the whole test: an effect without its ledger row
-would be a half-applied message.
+tables every 100 ms for the whole test and records every effect row without
+its ledger row, which would be a half-applied message.
 """
 
 from __future__ import annotations
@@ -120,9 +120,13 @@ async def join_as_placeholder(deployment: Deployment) -> AIOKafkaConsumer:
         heartbeat_interval_ms=HEARTBEAT_INTERVAL_S * 1000,
     )
     await consumer.start()
-    with anyio.fail_after(30):
-        while not consumer.assignment():
-            await anyio.sleep(0.1)
+    try:
+        with anyio.fail_after(30):
+            while not consumer.assignment():
+                await anyio.sleep(0.1)
+    except BaseException:
+        await consumer.stop()
+        raise
     return consumer
 
 
@@ -133,7 +137,7 @@ async def test_kill_mid_handler_leaves_no_half_applied_message(deploy: Deploy) -
             "first",
             handler=TWO_STEP_HANDLER,
             hooks={"k-2": {"sleep_between_s": 2}},
-            worker__max_batch_size=1,
+            settings={"CONSUMER_WORKER__MAX_BATCH_SIZE": 1},
         )
         await wait_for_invocation(rows, "k-2", timeout_s=30)
         # k-2's effect row is written; its ledger row comes after the sleep.
@@ -150,9 +154,9 @@ async def test_kill_mid_handler_leaves_no_half_applied_message(deploy: Deploy) -
 
 
 @pytest.mark.timeout(90)
-async def test_sigterm_within_grace_finishes_message_and_leaves_group(deploy: Deploy, kafka_is_tansu: bool) -> None:
-    # Two partitions, so that the worker gets one even while the placeholder
-    # below is still a member; the messages all go to partition 0.
+async def test_sigterm_within_grace_finishes_and_leaves_group(deploy: Deploy, kafka_is_tansu: bool) -> None:
+    # With two partitions the worker gets one even while the placeholder below
+    # is still a member. All messages go to partition 0.
     async with watching(deploy, partitions=2, produce=False) as (deployment, rows, watcher):
         placeholder = None
         if kafka_is_tansu:
@@ -167,8 +171,7 @@ async def test_sigterm_within_grace_finishes_message_and_leaves_group(deploy: De
                 "first",
                 handler=TWO_STEP_HANDLER,
                 hooks={"k-2": {"sleep_between_s": 4}},
-                worker__max_batch_size=1,
-                worker__shutdown_timeout_s=10,
+                settings={"CONSUMER_WORKER__MAX_BATCH_SIZE": 1, "CONSUMER_WORKER__SHUTDOWN_TIMEOUT_S": 10},
             )
             await wait_for_output(first, ASSIGNED_LINE, timeout_s=30)
         finally:
@@ -208,8 +211,7 @@ async def test_sigterm_past_grace_rolls_back_message(deploy: Deploy) -> None:
             "first",
             handler=TWO_STEP_HANDLER,
             hooks={"k-2": {"sleep_between_s": 5}},
-            worker__max_batch_size=1,
-            worker__shutdown_timeout_s=1,
+            settings={"CONSUMER_WORKER__MAX_BATCH_SIZE": 1, "CONSUMER_WORKER__SHUTDOWN_TIMEOUT_S": 1},
         )
         await wait_for_invocation(rows, "k-2", timeout_s=30)
         await anyio.sleep(0.2)
@@ -237,7 +239,7 @@ async def test_sigterm_past_grace_rolls_back_whole_batch(deploy: Deploy) -> None
             "first",
             handler=TWO_STEP_HANDLER,
             hooks={"k-2": {"sleep_between_s": 5}},
-            worker__shutdown_timeout_s=1,
+            settings={"CONSUMER_WORKER__SHUTDOWN_TIMEOUT_S": 1},
         )
         await wait_for_invocation(rows, "k-2", timeout_s=30)
         await anyio.sleep(0.2)

@@ -9,7 +9,6 @@ import pytest
 from tests.failures import handlers as failure_handlers
 from tests.failures.helpers import FailureRows
 from tests.integration import helpers
-from tests.support import handlers
 
 
 @pytest.fixture
@@ -24,12 +23,6 @@ async def app_database(database_url: str, monkeypatch: pytest.MonkeyPatch) -> As
     monkeypatch.delenv(helpers.HOOKS_VAR, raising=False)
     monkeypatch.delenv(failure_handlers.FIXED_VAR, raising=False)
     yield database_url
-    # The handlers keep one counting connection per process, bound to this
-    # test's database and event loop; the next test must open its own.
-    side = handlers._SideChannel.connection
-    handlers._SideChannel.connection = None
-    if side is not None and not side.is_closed():
-        await side.close()
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """Handlers of the failure tests: faults chosen per message by headers, and one subclass per policy.
 
 A message whose ``X-Fault`` header names an exception in `FAULTS` makes
-`FaultyOrderHandler` raise it; ``X-Fault-Times: n`` raises it only on the
-first n calls for the message's idempotency key. ``X-Sleep-S: s`` makes
-each call sleep s seconds before writing its effect. Setting
+`FaultyOrderHandler` raise it. With ``X-Fault-Times: n`` it is raised only
+on the first n calls for the message's idempotency key. ``X-Sleep-S: s``
+makes each call sleep s seconds before writing its effect. Setting
 ``CONSUMER_TEST_FAULTS_FIXED=1`` stands for a deployed fix: the handler then
 ignores ``X-Fault`` and ``X-Sleep-S``, so a redrive with that variable set succeeds. Calls and
 effects go to the ``test_app`` tables of `tests.support.handlers`, so the
@@ -41,7 +41,7 @@ FAULTS: dict[str, Callable[[str], BaseException]] = {
 
 
 def is_fixed() -> bool:
-    """Return whether the environment says the handler's bug is fixed."""
+    """Return whether the fix variable is set to 1."""
     return os.environ.get(FIXED_VAR) == "1"
 
 
@@ -57,15 +57,15 @@ async def raise_fault(message: Message[Any], previous_calls: int) -> None:
     raise FAULTS[name](f"injected {name} for {message.idempotency_key}")
 
 
-async def sleep_if_asked(message: Message[Any]) -> None:
-    """Sleep as long as the message's ``X-Sleep-S`` header says, unless the fault is fixed."""
+async def sleep_if_requested(message: Message[Any]) -> None:
+    """Sleep for the seconds in the message's ``X-Sleep-S`` header, unless the fault is fixed."""
     seconds = message.header(SLEEP_HEADER)
     if seconds is not None and not is_fixed():
         await anyio.sleep(float(seconds))
 
 
 async def write_effect(message: Message[Any], context: Context) -> None:
-    """Insert the message's effect row; order id and amount stay NULL for a payload that is not an `Order`."""
+    """Insert the message's effect row, with NULL order id and amount for a payload that is not an `Order`."""
     order = message.payload if isinstance(message.payload, Order) else None
     await context.connection.execute(
         handlers.INSERT_EFFECT,
@@ -91,7 +91,7 @@ class FaultyOrderHandler(handlers.OrderHandler):
     async def handle(self, message: Message[Order], context: Context) -> None:
         previous = await handlers.record_call(message.idempotency_key)
         await raise_fault(message, previous)
-        await sleep_if_asked(message)
+        await sleep_if_requested(message)
         await write_effect(message, context)
 
 
@@ -102,9 +102,9 @@ class BackoffOrderHandler(FaultyOrderHandler):
 
 
 class SlowRetryOrderHandler(FaultyOrderHandler):
-    """Ten attempts about a second apart: a poisoned message blocks its partition for 5 to 10 s."""
+    """Ten attempts 0.7 to 1.4 s apart: a poisoned message blocks its partition for 6.3 to 12.6 s."""
 
-    retry = RetryPolicy(max_attempts=10, initial_backoff_s=1.0, max_backoff_s=1.0)
+    retry = RetryPolicy(max_attempts=10, initial_backoff_s=1.4, max_backoff_s=1.4)
 
 
 class TwoAttemptOrderHandler(FaultyOrderHandler):
@@ -146,5 +146,6 @@ class HandleTombstonesHandler(FaultyOrderHandler):
 class RelaxedOrderHandler(FaultyOrderHandler):
     """Accepts any value as raw bytes: the fix for messages that failed decoding or validation."""
 
-    payload_model = None
+    # mypy takes OrderHandler's Order as the attribute's type; Handler allows None.
+    payload_model = None  # type: ignore[assignment]
     payload_format = "bytes"

@@ -1,8 +1,8 @@
 """Helpers of the failure tests: records with faults, the ``consumer`` CLI as a subprocess, and row readers.
 
-Workers run in-process through `tests.integration.helpers.running_worker`;
-the CLI runs as ``python -m consumer`` so its exit codes and output are the
-ones an operator sees.
+Workers run in-process through `tests.integration.helpers.running_worker`.
+The CLI runs as ``python -m consumer``, so its exit codes and output are the
+ones an operator gets.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def record(
 ) -> kafka.Record:
     """Build a record whose ``Idempotency-Key`` header is `key`.
 
-    The value defaults to a valid order with id `key`; `tombstone` makes it
-    null. The Kafka key defaults to `key` as UTF-8. `fault`, `fault_times` and
+    The value defaults to a valid order with id `key`, and `tombstone` makes
+    it null. The Kafka key defaults to `key` as UTF-8. `fault`, `fault_times` and
     `sleep_s` set the headers `failure_handlers.FaultyOrderHandler` reads,
     after `headers`.
     """
@@ -90,7 +90,8 @@ class CliResult:
         return json.loads(self.stdout)
 
     def __str__(self) -> str:
-        return f"consumer {' '.join(self.args)} exited {self.exit_code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+        command = " ".join(self.args)
+        return f"consumer {command} exited {self.exit_code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
 async def run_cli(database_url: str, *args: str, fixed: bool = False, timeout_s: float = 60.0) -> CliResult:
@@ -153,7 +154,10 @@ class FailureRows(Rows):
         return {offset: row["id"] for offset, row in (await self.letters_by_offset(topic)).items()}
 
     async def parked_keys(self) -> list[asyncpg.Record]:
-        return await self.connection.fetch("SELECT * FROM consumer.parked_keys ORDER BY topic, key")
+        parked: list[asyncpg.Record] = await self.connection.fetch(
+            "SELECT * FROM consumer.parked_keys ORDER BY topic, key"
+        )
+        return parked
 
     async def clock(self) -> datetime:
         """Return the database server's current time, to filter dead letters by creation time."""

@@ -82,7 +82,7 @@ async def list_offsets(database_url: str, *filters: str) -> list[int]:
     return [letter["offset"] for letter in listed.json()]
 
 
-async def test_list_filters_and_show_raw_message(
+async def test_list_filters_and_show_bytes(
     kafka_bootstrap: str, topic_factory: Callable[..., str], app_database: str, rows: FailureRows
 ) -> None:
     run = await run_with_poison(kafka_bootstrap, topic_factory(), app_database, rows)
@@ -103,7 +103,11 @@ async def test_list_filters_and_show_raw_message(
     assert [
         (letter["id"], letter["offset"], letter["idempotency_key"], letter["reason"], letter["attempts"])
         for letter in listed.json()
-    ] == [(run.ids[offset], offset, key, reason, attempts) for offset, (key, reason, attempts, _) in EXPECTED.items()]
+    ] == [
+        # A value that fails to decode never reaches the handler's key function, so no idempotency key is stored.
+        (run.ids[offset], offset, key if reason == "handler_error" else None, reason, attempts)
+        for offset, (key, reason, attempts, _) in EXPECTED.items()
+    ]
     assert {letter["status"] for letter in listed.json()} == {"dead"}
     assert {letter["handler"] for letter in listed.json()} == {failure_handlers.FaultyOrderHandler.name()}
     assert [letter["last_error_type"] for letter in listed.json()] == [error for *_, error in EXPECTED.values()]
@@ -113,13 +117,14 @@ async def test_list_filters_and_show_raw_message(
     assert await list_offsets(app_database, "--reason", "validation") == [2, 6]
     assert await list_offsets(app_database, "--reason", "decode") == [1, 3]
     assert await list_offsets(app_database, "--error-type", "RuntimeError") == [4]
+    assert await list_offsets(app_database, "--key", "k-4") == [4]
+    # Without a stored idempotency key, --key matches the Kafka key as UTF-8.
+    assert await list_offsets(app_database, "--key", "k-1") == [1]
     assert await list_offsets(app_database, "--status", "dead") == list(EXPECTED)
     assert await list_offsets(app_database, "--status", "resolved") == []
     assert await list_offsets(app_database, "--since", run.between_rounds.isoformat()) == [6]
     assert await list_offsets(app_database, "--until", run.between_rounds.isoformat()) == [1, 2, 3, 4]
-    assert await list_offsets(app_database, "--reason", "validation", "--since", run.between_rounds.isoformat()) == [
-        6
-    ]
+    assert await list_offsets(app_database, "--reason", "validation", "--since", run.between_rounds.isoformat()) == [6]
 
     # Text form: the value as UTF-8, headers in order with repeats and nulls, the traceback.
     shown_text = await run_cli(app_database, "dead-letters", "show", str(run.ids[1]))
@@ -156,7 +161,7 @@ async def test_list_filters_and_show_raw_message(
     assert "dead letter 999999 not found" in missing.stderr
 
 
-async def test_redrive_after_fix_applies_each_once(
+async def test_redrive_after_fix_applies_once(
     kafka_bootstrap: str, topic_factory: Callable[..., str], app_database: str, rows: FailureRows
 ) -> None:
     run = await run_with_poison(kafka_bootstrap, topic_factory(), app_database, rows)
@@ -229,3 +234,31 @@ async def test_purge_needs_filter_and_confirmation(
     assert {letter["status"] for letter in left.values()} == {"dead"}
     # Purging a resolved dead letter keeps the effect its redrive applied.
     assert await rows.effects_per_key() == dict.fromkeys(["k-0", "k-2", "k-5", "k-6", "k-7"], 1)
+
+
+async def test_republished_copy_skipped_until_redrive(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], app_database: str, rows: FailureRows
+) -> None:
+    topic = topic_factory()
+    group_id = helpers.unique_group()
+    config = helpers.worker_settings(kafka_bootstrap, app_database, topic, group_id)
+    await kafka.produce(kafka_bootstrap, topic, [record("k-0", fault="RuntimeError"), record("k-1", value=b"not json")])
+
+    async with helpers.running_worker(failure_handlers.FaultyOrderHandler(), config):
+        await rows.wait_for_next_offsets(group_id, topic, {0: 2})
+        # The same value again without the fault header, and k-1 corrected.
+        await kafka.produce(kafka_bootstrap, topic, [record("k-0"), record("k-1")])
+        await rows.wait_for_next_offsets(group_id, topic, {0: 4})
+    position = (await rows.positions(group_id, topic))[0]
+
+    # k-0 reached the handler, so its key stays claimed and the copy is a
+    # duplicate; k-1 failed to decode before it claimed its key.
+    assert await rows.effect_keys() == ["k-1"]
+    assert sorted(await rows.letter_ids(topic)) == [0, 1]
+    assert position["key_duplicates"] == 1
+    assert await rows.invocations("k-0") == 3
+
+    redriven = await run_cli(app_database, "dead-letters", "redrive", "--key", "k-0", "--json", fixed=True)
+    assert redriven.exit_code == 0, redriven
+    assert redriven.json()["resolved"] == [(await rows.letter_ids(topic))[0]]
+    assert await rows.effects_per_key() == {"k-0": 1, "k-1": 1}

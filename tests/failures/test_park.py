@@ -21,7 +21,7 @@ from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 
-# Keys A and B interleaved on one partition; A's second message fails for good.
+# Keys A and B interleaved on one partition. A's second message fails for good.
 INTERLEAVED = [
     record("A-1", kafka_key=b"A"),
     record("B-1", kafka_key=b"B"),
@@ -34,7 +34,7 @@ INTERLEAVED = [
 ]
 
 
-async def test_parked_key_waits_then_redrive_applies_in_order(
+async def test_parked_key_redriven_in_order(
     kafka_bootstrap: str, topic_factory: Callable[..., str], app_database: str, rows: FailureRows
 ) -> None:
     topic = topic_factory()

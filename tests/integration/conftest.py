@@ -8,7 +8,6 @@ import asyncpg
 import pytest
 
 from tests.integration import helpers
-from tests.support import handlers
 
 
 @pytest.fixture
@@ -21,12 +20,6 @@ async def app_database(database_url: str, monkeypatch: pytest.MonkeyPatch) -> As
     monkeypatch.setenv("CONSUMER_POSTGRES__DSN", database_url)
     monkeypatch.delenv(helpers.HOOKS_VAR, raising=False)
     yield database_url
-    # The handlers keep one counting connection per process; it belongs to this
-    # test's database and event loop, so the next test must open its own.
-    side = handlers._SideChannel.connection
-    handlers._SideChannel.connection = None
-    if side is not None and not side.is_closed():
-        await side.close()
 
 
 @pytest.fixture

@@ -50,11 +50,12 @@ HOOKS_VAR = "CONSUMER_TEST_HOOKS"
 # Namespace of the test handlers' own migrations, as `consumer migrate --handler` records it.
 HANDLER_NAMESPACE = handlers.OrderHandler.group_id
 
-# Short delays keep retries within a test's time budget. The periodic Kafka
-# offset mirror is effectively off (positions still reach Kafka when the
-# worker stops), because stopping a worker while that loop's commit is in
-# flight leaves a failed task behind, which fails an in-process test; see
-# test_worker_lifecycle. Tests that read Kafka offsets set a short interval.
+# Short delays keep retries within a test's time budget.
+# The periodic Kafka offset commit runs once an hour, so in effect only the
+# commit at stop reaches Kafka. A stop while the periodic commit is in flight
+# loses that commit and leaves a failed aiokafka task behind, which fails an
+# in-process test (test_worker_lifecycle pins this). Tests that read Kafka
+# offsets set a short interval and wait for Kafka to catch up before a stop.
 FAST_WORKER: dict[str, Any] = {
     "max_attempts": 3,
     "retry_backoff_s": 0.05,
@@ -80,8 +81,8 @@ def worker_settings(
     postgres: Mapping[str, Any] | None = None,
     dedup_scope: str | None = None,
 ) -> settings.Settings:
-    """Build settings for one in-process worker; `worker` and `postgres` override single fields."""
-    # NOTE: Tansu 0.6 answers the first JoinGroup of a group after half the
+    """Build settings for one in-process worker, with single fields of `worker` and `postgres` overridden."""
+    # NOTE: Tansu 0.6 responds to the first JoinGroup of a group after half the
     # session timeout, so the smallest timeout Kafka accepts keeps joins short.
     return settings.load(
         kafka={
@@ -163,7 +164,7 @@ def order_record(
 
 
 async def produce_at_once(bootstrap_servers: str, topic: str, records: Sequence[kafka.Record]) -> float:
-    """Send `records` concurrently from one producer; return the seconds between first send and last ack."""
+    """Send `records` concurrently from one producer and return the seconds from the first send to the last ack."""
     # NOTE: Tansu 0.6 rejects InitProducerId, so idempotence is off, as in tests.support.kafka.
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, enable_idempotence=False, acks="all")
     await producer.start()
@@ -268,15 +269,18 @@ class Rows:
 
     async def effects(self, key: str | None = None) -> list[asyncpg.Record]:
         """Return effect rows with their transaction id (`xid`), optionally for one key, in insertion order."""
-        return await self.connection.fetch(
+        rows: list[asyncpg.Record] = await self.connection.fetch(
             "SELECT *, xmin::text::bigint AS xid FROM test_app.effects"
             " WHERE $1::text IS NULL OR idem_key = $1 ORDER BY seq",
             key,
         )
+        return rows
 
     async def invocations(self, key: str) -> int:
         """Return how often the test handler was called for `key`, rolled-back calls included."""
-        count: int = await self.connection.fetchval("SELECT count(*) FROM test_app.invocations WHERE idem_key = $1", key)
+        count: int = await self.connection.fetchval(
+            "SELECT count(*) FROM test_app.invocations WHERE idem_key = $1", key
+        )
         return count
 
     async def positions(self, scope: str, topic: str) -> dict[int, asyncpg.Record]:
@@ -292,9 +296,10 @@ class Rows:
 
     async def dead_letters(self) -> list[asyncpg.Record]:
         """Return every dead letter with its transaction id (`xid`), by topic, partition and offset."""
-        return await self.connection.fetch(
+        rows: list[asyncpg.Record] = await self.connection.fetch(
             'SELECT *, xmin::text::bigint AS xid FROM consumer.dead_letters ORDER BY topic, partition, "offset"'
         )
+        return rows
 
     async def inbox_keys(self, scope: str) -> list[str]:
         rows = await self.connection.fetch(
@@ -309,5 +314,7 @@ class Rows:
         deadline = time.monotonic() + timeout_s
         while (stored := await self.next_offsets(scope, topic)) != dict(expected):
             if time.monotonic() >= deadline:
-                raise AssertionError(f"positions of {topic} are {stored} after {timeout_s} s, expected {dict(expected)}")
+                raise AssertionError(
+                    f"positions of {topic} are {stored} after {timeout_s} s, expected {dict(expected)}"
+                )
             await anyio.sleep(0.1)

@@ -1,7 +1,7 @@
 """The same idempotency key on two partitions at once, applied by two workers of one group.
 
-The first transaction to insert the key's inbox row holds it until it ends;
-the other transaction's insert waits on that row. These tests pin that the
+The first transaction to insert the key's inbox row keeps it locked until
+it ends, and the other transaction's insert waits on that row. These tests pin that the
 waiting side neither applies the key a second time (when the first commits)
 nor loses it (when the first rolls back).
 """
@@ -27,7 +27,9 @@ ROUNDS = 5
 
 
 @asynccontextmanager
-async def two_workers(kafka_bootstrap: str, database_url: str, topic: str, group_id: str) -> AsyncIterator[list[Worker]]:
+async def two_workers(
+    kafka_bootstrap: str, database_url: str, topic: str, group_id: str
+) -> AsyncIterator[list[Worker]]:
     """Run two workers of `group_id` on the two partitions of `topic` until each owns one."""
     config = helpers.worker_settings(kafka_bootstrap, database_url, topic, group_id)
     async with AsyncExitStack() as stack:
@@ -83,7 +85,7 @@ async def test_copy_waiting_on_rolled_back_claim_applied_once(
     rows: Rows,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The first claimant sleeps, then fails once; the waiting copy takes the claim, and only one effect results."""
+    """The first claimant sleeps and fails once, the waiting copy takes the claim, and one effect results."""
     topic = topic_factory(2)
     group_id = helpers.unique_group()
     keys = [f"race-{round_number}" for round_number in range(ROUNDS)]

@@ -7,7 +7,6 @@ from the rows that the test handlers and the framework write.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable
 
 import anyio
@@ -67,7 +66,7 @@ async def test_redelivery_after_kafka_offset_reset_applies_nothing(
         assert await rows.invocations(key) == 1, key
 
 
-async def test_new_group_in_same_scope_from_earliest_applies_nothing(
+async def test_new_group_same_scope_applies_nothing(
     kafka_bootstrap: str, topic_factory: Callable[..., str], app_database: str, rows: Rows
 ) -> None:
     topic = topic_factory()
@@ -78,7 +77,7 @@ async def test_new_group_in_same_scope_from_earliest_applies_nothing(
         await rows.wait_for_next_offsets(scope, topic, {0: 5})
 
     # A new group has no Kafka offsets, so Kafka alone would start it at the
-    # earliest offset; the stored position must win.
+    # earliest offset. The stored position must win.
     second = helpers.worker_settings(kafka_bootstrap, app_database, topic, helpers.unique_group(), dedup_scope=scope)
     assert second.kafka.auto_offset_reset == "earliest"
     async with helpers.running_worker(handlers.OrderHandler(), second) as worker:
@@ -103,7 +102,7 @@ async def test_lost_position_redelivery_deduplicated_by_key(
         await rows.wait_for_next_offsets(scope, topic, {0: 5})
 
     # Without the position row and with a new group, all five records are
-    # redelivered from offset 0; only the inbox keeps them from being applied.
+    # redelivered from offset 0, and only the inbox keeps them from being applied.
     await rows.connection.execute("DELETE FROM consumer.positions WHERE dedup_scope = $1", scope)
     second = helpers.worker_settings(kafka_bootstrap, app_database, topic, helpers.unique_group(), dedup_scope=scope)
     async with helpers.running_worker(handlers.OrderHandler(), second) as worker:
@@ -130,7 +129,9 @@ async def test_same_key_on_other_partition_applied_once(
     async with helpers.running_worker(handlers.OrderHandler(), config, partitions=2):
         await rows.wait_for_next_offsets(group_id, topic, {0: 2})
         # The producer resent k-1, which landed on the other partition at a new offset.
-        await kafka.produce(kafka_bootstrap, topic, [order_record("k-1", partition=1), order_record("k-2", partition=1)])
+        await kafka.produce(
+            kafka_bootstrap, topic, [order_record("k-1", partition=1), order_record("k-2", partition=1)]
+        )
         await rows.wait_for_next_offsets(group_id, topic, {0: 2, 1: 2})
     positions = await rows.positions(group_id, topic)
 
@@ -223,7 +224,7 @@ async def test_transient_failure_applied_on_retry(
 async def app_role(app_database: str, pg_admin_dsn: str) -> AsyncIterator[tuple[str, str]]:
     """A login role without superuser rights that may use the tables of `app_database`: (role, URL)."""
     role = helpers.unique_group("consumer_app").replace("-", "_")
-    password = "app-test-password"
+    password = "app-test-password"  # noqa: S105 - a throwaway role dropped after the test
     admin = await asyncpg.connect(app_database)
     try:
         await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
@@ -318,7 +319,7 @@ async def test_batch_handler_dead_letters_only_poisoned_key(
     assert (await rows.positions(group_id, topic))[0]["applied"] == 4
 
 
-async def test_batch_handler_single_attempt_dead_letters_only_poisoned_key(
+async def test_batch_single_attempt_spares_innocent_messages(
     kafka_bootstrap: str,
     topic_factory: Callable[..., str],
     app_database: str,
@@ -367,6 +368,6 @@ async def test_unwritable_dead_letter_table_keeps_messages_before_poison(
         halted_positions = await rows.next_offsets(group_id, topic)
 
     # The undecodable record at offset 2 needs a dead letter, which cannot be
-    # written; the two records before it are valid and need none.
+    # written. The two records before it are valid and need none.
     assert halted_keys == ["k-0", "k-1"]
     assert halted_positions == {0: 2}

@@ -70,11 +70,13 @@ async def test_tombstone_dead_lettered_for_payload_model(
     dead_letters = await rows.dead_letters()
 
     # OrderHandler declares a payload model, so a null value cannot be an
-    # order; the handler is never called with a payload of None.
+    # order, and the handler is never called with a payload of None.
     assert handlers.OrderHandler.tombstone_policy() == "dead_letter"
     assert await rows.effect_keys() == ["k-0", "k-2"]
     assert await rows.invocations("k-1") == 0
-    assert [(letter["offset"], letter["reason"], letter["attempts"]) for letter in dead_letters] == [(1, "tombstone", 1)]
+    assert [(letter["offset"], letter["reason"], letter["attempts"]) for letter in dead_letters] == [
+        (1, "tombstone", 1)
+    ]
     assert dead_letters[0]["value"] is None
     assert dead_letters[0]["key"] == b"order-1"
 

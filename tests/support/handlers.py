@@ -17,10 +17,11 @@ connection (``CONSUMER_POSTGRES__DSN``), so rolled-back calls are visible.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import asyncpg
@@ -42,15 +43,27 @@ class Order(pydantic.BaseModel):
 
 
 class _SideChannel:
-    """One autocommit connection per process for invocation counting."""
+    """One autocommit counting connection per event loop and database, used by one call at a time.
 
-    connection: asyncpg.Connection | None = None
+    Opening a connection per call would leave the batch transaction idle for
+    milliseconds between statements, where tests look for a transaction kept
+    open on purpose; sharing one unguarded connection would let two handler
+    calls use it at once.
+    """
+
+    _connections: ClassVar[dict[tuple[int, str], tuple[asyncpg.Connection, asyncio.Lock]]] = {}
 
     @classmethod
-    async def get(cls) -> asyncpg.Connection:
-        if cls.connection is None or cls.connection.is_closed():
-            cls.connection = await asyncpg.connect(os.environ["CONSUMER_POSTGRES__DSN"])
-        return cls.connection
+    async def run(cls, query: str, *args: Any) -> Any:
+        dsn = os.environ["CONSUMER_POSTGRES__DSN"]
+        slot = (id(asyncio.get_running_loop()), dsn)
+        entry = cls._connections.get(slot)
+        if entry is None or entry[0].is_closed():
+            entry = (await asyncpg.connect(dsn), asyncio.Lock())
+            cls._connections[slot] = entry
+        connection, lock = entry
+        async with lock:
+            return await connection.fetchval(query, *args)
 
 
 def _hooks() -> dict[str, dict[str, Any]]:
@@ -64,9 +77,8 @@ def worker_name() -> str:
 
 async def record_call(key: str) -> int:
     """Count this call; return how many calls for `key` came before it."""
-    side = await _SideChannel.get()
-    previous: int = await side.fetchval("SELECT count(*) FROM test_app.invocations WHERE idem_key = $1", key)
-    await side.execute(
+    previous: int = await _SideChannel.run("SELECT count(*) FROM test_app.invocations WHERE idem_key = $1", key)
+    await _SideChannel.run(
         "INSERT INTO test_app.invocations (idem_key, attempt, worker) VALUES ($1, $2, $3)",
         key,
         previous + 1,
