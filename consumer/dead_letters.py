@@ -126,7 +126,8 @@ async def publish(
     connection: asyncpg.Connection, side_queries: Any, dedup_scope: str, handler: Any, raw: RawMessage, failure: Failure
 ) -> None:
     """Queue the dead letter for the handler's dead-letter topic, in the same transaction, through the outbox."""
-    headers = list(raw.headers) + [
+    headers = [
+        *raw.headers,
         ("x-dead-letter-reason", failure.reason.encode()),
         ("x-dead-letter-error", f"{failure.last_error_type}: {failure.last_error}".encode()[:1000]),
         ("x-original-topic", raw.topic.encode()),

@@ -30,12 +30,13 @@ from typing import Any
 
 import asyncpg
 
-from consumer import errors, kafka, migrations
+from consumer import db, errors, kafka, migrations
 from consumer.settings import Settings
 
 __all__ = ["DemoInput", "main"]
 
 DEMO_SCHEMA = "consumer_demo"
+_QUERIES = db.load_queries("demo.sql", DEMO_SCHEMA)
 HANDLER = "examples.quakes.handler:QuakeHandler"
 _REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = _REPOSITORY / "examples" / "quakes" / "data" / "usgs-all-day-2025-05-20.jsonl"
@@ -158,8 +159,8 @@ async def _run(args: argparse.Namespace, settings: Settings, dsn: str, demo_inpu
 async def _prepare_database(dsn: str) -> None:
     connection = await asyncpg.connect(dsn)
     try:
-        await connection.execute(f"DROP SCHEMA IF EXISTS {DEMO_SCHEMA} CASCADE")
-        await connection.execute("DROP SCHEMA IF EXISTS quake_store CASCADE")
+        await connection.execute(_QUERIES.drop_framework_schema)
+        await connection.execute(_QUERIES.drop_example_schema)
         from examples.quakes.handler import QuakeHandler
 
         assert QuakeHandler.migrations is not None
@@ -234,11 +235,7 @@ def _start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 async def _done(connection: asyncpg.Connection, group_id: str) -> int:
     """Return how many messages the group has finished: applied, skipped or dead-lettered."""
-    total = await connection.fetchval(
-        f"SELECT coalesce(sum(applied + key_duplicates + position_duplicates + dead_lettered), 0)"  # noqa: S608
-        f" FROM {DEMO_SCHEMA}.positions WHERE dedup_scope = $1",
-        group_id,
-    )
+    total = await connection.fetchval(_QUERIES.finished, group_id)
     return int(total)
 
 
@@ -268,10 +265,7 @@ async def _wait_until(
 
 
 async def _drained(connection: asyncpg.Connection, group_id: str, published: Published) -> bool:
-    rows = await connection.fetch(
-        f"SELECT partition, next_offset FROM {DEMO_SCHEMA}.positions WHERE dedup_scope = $1",  # noqa: S608
-        group_id,
-    )
+    rows = await connection.fetch(_QUERIES.positions, group_id)
     stored = {row["partition"]: row["next_offset"] for row in rows}
     return all(stored.get(partition, 0) >= end for partition, end in published.end_offsets.items())
 
@@ -279,16 +273,10 @@ async def _drained(connection: asyncpg.Connection, group_id: str, published: Pub
 async def _summary(
     connection: asyncpg.Connection, group_id: str, demo_input: DemoInput, published: Published
 ) -> dict[str, Any]:
-    totals = await connection.fetchrow(
-        "SELECT coalesce(sum(applied), 0) AS applied, coalesce(sum(key_duplicates), 0) AS key_duplicates,"
-        " coalesce(sum(position_duplicates), 0) AS position_duplicates,"
-        f" coalesce(sum(dead_lettered), 0) AS dead_lettered FROM {DEMO_SCHEMA}.positions"
-        " WHERE dedup_scope = $1",
-        group_id,
-    )
-    applied_events = await connection.fetch("SELECT event_id, count(*) AS n FROM quake_store.applied_events GROUP BY 1")
-    quakes = await connection.fetch("SELECT quake_id, updated_at FROM quake_store.quakes")
-    dead_letters = await connection.fetchval(f"SELECT count(*) FROM {DEMO_SCHEMA}.dead_letters")  # noqa: S608
+    totals = await connection.fetchrow(_QUERIES.totals, group_id)
+    applied_events = await connection.fetch(_QUERIES.applied_events)
+    quakes = await connection.fetch(_QUERIES.quakes)
+    dead_letters = await connection.fetchval(_QUERIES.dead_letters)
     versions = {row["quake_id"]: row["updated_at"] for row in quakes}
     stale = sum(
         1

@@ -124,7 +124,8 @@ async def _apply(
             await connection.execute(migration.text.replace("{schema}", schema))
         except asyncpg.PostgresError as exc:
             raise errors.MigrationError(
-                f"migration {migration.name} ({namespace}) failed: {type(exc).__name__}: {exc}; nothing of it was applied"
+                f"migration {migration.name} ({namespace}) failed: {type(exc).__name__}: {exc}; "
+                "nothing of it was applied"
             ) from exc
         await connection.execute(queries.record, namespace, migration.version, migration.name, migration.checksum)
     logger.info(

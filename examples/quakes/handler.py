@@ -36,7 +36,7 @@ RECORD_EVENT = "INSERT INTO quake_store.applied_events (event_id, quake_id) VALU
 
 
 class QuakeHandler(Handler[dict[str, Any]]):
-    topics = ["quakes"]
+    topics = ("quakes",)
     group_id = "quake-store"
     migrations = Path(__file__).parent / "migrations"
     # USGS now and then revises an event without bumping `updated`, so one

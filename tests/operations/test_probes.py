@@ -8,12 +8,21 @@ Each test runs the CLI against the suite's broker and a fresh database, with
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
 
-from tests.acceptance.helpers import ASSIGNED_LINE, Deployment, Rows, order_record, wait_for_output, wait_for_positions
+from tests.acceptance.helpers import (
+    ASSIGNED_LINE,
+    Deployment,
+    Rows,
+    order_record,
+    wait_for_exit,
+    wait_for_output,
+    wait_for_positions,
+)
 from tests.operations.helpers import (
     free_port,
     get,
@@ -148,3 +157,17 @@ async def test_healthcheck_exit_codes_without_a_server() -> None:
     assert no_server.returncode == 1
     assert "ConnectionRefusedError" in no_server.stdout
     assert len(no_server.stdout.splitlines()) == 1
+
+
+async def test_health_port_in_use_stops_worker(deploy: Deploy) -> None:
+    deployment, _ = await deploy(1)
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        worker = start_worker(deployment, "port-taken", health_settings(port))
+        exit_code = await wait_for_exit(worker, timeout_s=60)
+
+    assert exit_code == 2, worker.output_tail()
+    assert f"the health server cannot listen on 127.0.0.1:{port}" in worker.read_stderr()
+    assert "CONSUMER_WORKER__HEALTH_PORT" in worker.read_stderr()
