@@ -357,10 +357,7 @@ def _json_response(status: int, body: dict[str, Any], *, headers: tuple[tuple[st
 
 
 def _pool_of(worker: Worker) -> asyncpg.Pool | None:
-    # NOTE: reads the worker's private pool, because Worker has no public
-    # accessor for it yet. The pool exists for as long as this server runs.
-    pool: asyncpg.Pool | None = worker._pool
-    return pool
+    return worker.pool
 
 
 def _redact(text: str, worker: Worker) -> str:

@@ -94,7 +94,16 @@ class Metrics:
             registry=registry,
         )
         self.inbox_rows = Gauge(
-            "consumer_inbox_rows", "Dedup records kept for the dedup scope.", ["group"], registry=registry
+            "consumer_inbox_rows",
+            "Dedup records kept for the dedup scope, counted once a minute.",
+            ["group"],
+            registry=registry,
+        )
+        self.outbox_backlog = Gauge(
+            "consumer_outbox_backlog_messages",
+            "Published messages of the dedup scope not yet sent by the relay, counted once a minute.",
+            ["group"],
+            registry=registry,
         )
         self.offsets_lost = Counter(
             "consumer_offsets_lost",

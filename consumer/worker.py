@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 _POSITION_READ_ATTEMPTS = 5
 _GAUGE_INTERVAL_S = 5.0
+# Table sizes are counted every 12th round of the gauges, once a minute.
+_TABLE_GAUGE_EVERY = 12
 
 
 class Worker:
@@ -84,6 +86,11 @@ class Worker:
         # empty one (more members than partitions).
         self.joined = False
         self.last_poll_at: float | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool | None:
+        """The batch connection pool while the worker runs, else None."""
+        return self._pool
 
     # -- lifecycle -------------------------------------------------------
 
@@ -365,9 +372,30 @@ class Worker:
     # -- gauges -------------------------------------------------------------
 
     async def _gauges_loop(self) -> None:
+        rounds = 0
         while True:
             self.update_gauges()
+            if rounds % _TABLE_GAUGE_EVERY == 0:
+                await self._count_tables()
+            rounds += 1
             await anyio.sleep(_GAUGE_INTERVAL_S)
+
+    async def _count_tables(self) -> None:
+        """Set the inbox and outbox size gauges; a failed count is skipped until the next round."""
+        pool = self._pool
+        if pool is None:
+            return
+        inbox_queries = db.load_queries("status.sql", self.settings.postgres.schema_name)
+        side_queries = db.load_queries("side_effects.sql", self.settings.postgres.schema_name)
+        try:
+            inbox_rows = await pool.fetchval(inbox_queries.inbox_rows, self.dedup_scope)
+            backlog = await pool.fetchval(side_queries.outbox_backlog, self.dedup_scope)
+        except Exception as exc:
+            if not retry.is_infrastructure(exc):
+                raise
+            return
+        self.metrics.inbox_rows.labels(self.group_id).set(inbox_rows)
+        self.metrics.outbox_backlog.labels(self.group_id).set(backlog)
 
     def update_gauges(self) -> None:
         """Refresh assignment, halt and lag gauges from in-memory state; lag uses the last fetch's high watermark."""

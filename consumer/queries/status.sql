@@ -30,3 +30,6 @@ LEFT JOIN (
 ) AS d USING (dedup_scope, topic, partition)
 WHERE $1::text IS NULL OR p.dedup_scope = $1
 ORDER BY p.dedup_scope, p.topic, p.partition
+
+-- name: inbox_rows
+SELECT count(*) FROM {schema}.inbox WHERE dedup_scope = $1

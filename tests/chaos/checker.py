@@ -11,7 +11,7 @@ still running:
 - the running totals of ``positions`` add up: applied = messages that do
   not always fail, dead-lettered = always-failing messages,
   key duplicates = producer duplicates;
-- ``inbox`` holds one claim per logical key, ``applied`` or ``dead_lettered``;
+- ``inbox`` contains one claim per logical key, ``applied`` or ``dead_lettered``;
 - no worker exited on its own, every member left cleanly on SIGTERM, and
   every replay succeeded.
 """

@@ -45,7 +45,7 @@ class ClusterSettings:
     """Worker settings that shape how often faults land inside transactions and rebalances."""
 
     # Kafka's default minimum session timeout is 6 s; a frozen member is
-    # evicted after it, and Tansu 0.6 answers a new group's first JoinGroup
+    # evicted after it, and Tansu 0.6 responds to a new group's first JoinGroup
     # after half of it.
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
@@ -84,7 +84,7 @@ class LogSummary:
     actions: Counter[str] = field(default_factory=Counter)
     # ERROR records other than dead letters, which the checker counts itself.
     errors: list[str] = field(default_factory=list)
-    # Longest run of failed batch transactions of one partition in a row.
+    # Maximum number of failed batch transactions of one partition in a row.
     longest_failure_streak: int = 0
     tracebacks: int = 0
 
@@ -101,7 +101,7 @@ class Cluster:
         self.hooks_file = hooks_file
         self.slots = [Slot(f"w{number}", extra=False) for number in range(1, workers + 1)]
         self._extras = 0
-        # Exits nobody asked for: (slot incarnation, exit code).
+        # Exits the driver did not cause: (slot incarnation, exit code).
         self.unexpected_exits: list[tuple[str, int]] = []
         # Members that did not end within their shutdown timeout after SIGTERM,
         # or ended with a non-zero code.
@@ -145,7 +145,7 @@ class Cluster:
             self.start(slot)
 
     def add_extra(self) -> Slot:
-        """Start a member that joins the group now and is told to leave later."""
+        """Start a member that joins the group now, for the injector to SIGTERM later."""
         self._extras += 1
         slot = Slot(f"x{self._extras}", extra=True)
         self.slots.append(slot)

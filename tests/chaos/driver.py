@@ -1,8 +1,8 @@
 """One chaos run: migrate, start the workers, publish the stream while faults land, drain, check.
 
 `run` needs a Kafka cluster, an empty database and a topic with
-`ChaosConfig.partitions` partitions; it creates nothing else outside its
-log folder and stops every process it started before it returns.
+`ChaosConfig.partitions` partitions. It creates nothing else outside its
+log folder, and it stops every process it started before it returns.
 """
 
 from __future__ import annotations
@@ -149,10 +149,10 @@ async def _publish_inject_drain(
 
 async def _publish(target: Target, stream: Stream, window_s: float) -> dict[int, int]:
     """Send the stream's records evenly over `window_s`, one request each; return the end offset per partition."""
-    # NOTE: Tansu 0.6 rejects InitProducerId, so idempotence is off. One
-    # request per record, because after a multi-record batch Tansu 0.6
-    # reported a wrong latest offset; the end offsets come from the produce
-    # responses instead of ListOffsets.
+    # NOTE: Tansu 0.6 rejects InitProducerId, so idempotence is off. Each
+    # record gets its own request, because after a multi-record batch Tansu
+    # 0.6 reported a wrong latest offset. The end offsets come from the
+    # produce responses instead of ListOffsets.
     producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, enable_idempotence=False, acks="all")
     await producer.start()
     end_offsets: dict[int, int] = {}
@@ -178,9 +178,9 @@ async def _send(producer: AIOKafkaProducer, topic: str, partition: int, key: str
             )
             return int(metadata.offset)
         except KafkaError:
-            # NOTE: a send that timed out may still have been written; such a
-            # copy is an extra producer duplicate that the end offsets and the
-            # expected key-duplicate count do not include.
+            # NOTE: a send that timed out may still have been written. Such a
+            # copy is an extra producer duplicate, which neither the end
+            # offsets nor the expected key-duplicate count include.
             if attempt == _SEND_ATTEMPTS:
                 raise
             await anyio.sleep(0.5 * attempt)

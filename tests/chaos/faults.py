@@ -4,10 +4,11 @@ Process and connection faults, one every `mean_interval_s` on average:
 
 - ``sigkill``: SIGKILL a worker, start it again 0.5 to 3 s later;
 - ``zombie``: SIGSTOP a worker for 1 to 4 s longer than the session
-  timeout, so the group moves its partitions while it still holds them and
-  may sit inside a transaction, then SIGCONT it;
+  timeout, then SIGCONT it. The group moves its partitions meanwhile, while
+  the frozen worker still believes it owns them and may sit inside a
+  transaction;
 - ``pg_terminate``: ``pg_terminate_backend`` on a worker's connections, the
-  ones inside a transaction when any appear within a second;
+  ones inside a transaction when any appear within 2 s;
 - ``join_leave``: start an extra member, SIGTERM it 5 to 20 s later.
 
 Besides, ``replay`` runs ``consumer replay --to-earliest`` at evenly spaced
@@ -150,7 +151,9 @@ class Injector:
         elif kind == "join_leave" and not cluster.extras_alive():
             self._join_leave()
         else:
-            await self._pg_terminate(self.rng.choice([s for s in cluster.slots if s.alive]))
+            alive = [s for s in cluster.slots if s.alive]
+            if alive:
+                await self._pg_terminate(self.rng.choice(alive))
 
     async def _sigkill(self, slot: Slot) -> None:
         self.faults["sigkill"] += 1

@@ -2,9 +2,9 @@
 
 A logical message is one idempotency key with one payload. About
 `duplicate_ratio` of them are produced more than once, as a producer that
-retries or re-sends would: the same key and the same bytes at a later
-offset, on the same partition or on another one, soon after the first copy
-or much later. Every copy must be applied once in total.
+retries or re-sends would. A copy has the same key and the same bytes at a
+later offset, on the same partition or on another one, soon after the first
+copy or much later. All copies of a key together must be applied once.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class StreamShape:
     transient_ratio: float = 0.03
     permanent_ratio: float = 0.005
     sleep_ratio: float = 0.02
-    # Longest handler sleep of a sleeping key, in seconds.
+    # Maximum handler sleep of a sleeping key, in seconds.
     max_sleep_s: float = 2.0
 
 

@@ -30,11 +30,13 @@ async def test_backend_terminated_between_statements_is_infrastructure(database_
 
     What asyncpg 0.32 raises on the next statement depends on how far it has
     read the server's FATAL message and the closed socket:
-    ConnectionDoesNotExistError (nothing read yet), InternalClientError
-    "cannot switch to state 12; another operation (2) is in progress" (the
-    message read, the end of the socket not yet), or InterfaceError
-    "connection has been released back to the pool" (both read). The chaos
-    run met the second one in `inbox._claim` after a ``pg_terminate_backend``.
+
+    - nothing read yet: ConnectionDoesNotExistError;
+    - the message read, the end of the stream not yet: InternalClientError
+      "cannot switch to state 12; another operation (2) is in progress";
+    - both read: InterfaceError "connection has been released back to the pool".
+
+    The chaos run met the second one in `inbox._claim` after a ``pg_terminate_backend``.
     """
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
     admin = await asyncpg.connect(database_url)

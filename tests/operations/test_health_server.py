@@ -74,6 +74,10 @@ class StubWorker:
         self.gauge_updates = 0
         self._pool: FakePool | None = FakePool()
 
+    @property
+    def pool(self) -> FakePool | None:
+        return self._pool
+
     def health(self) -> dict[str, Any]:
         return {"stopping": self.stopping, "halted": dict(self.halted)}
 

@@ -45,23 +45,20 @@ __all__ = [
 ORDER_HANDLER = "tests.support.handlers:OrderHandler"
 
 # A session timeout of 6 s is the smallest one Kafka accepts by default
-# (group.min.session.timeout.ms); Tansu 0.6 answers a group's first JoinGroup
-# after half of it.
+# (group.min.session.timeout.ms), and Tansu 0.6 responds to a group's first
+# JoinGroup only after half of it.
 SESSION_TIMEOUT_S = 6
 HEARTBEAT_INTERVAL_S = 1
 
-STARTED_LINE = "worker started:"
 ASSIGNED_LINE = "partitions assigned:"
 
 
 def order_record(key: str, *, partition: int = 0, amount: int = 1, keyed: bool = True) -> kafka.Record:
-    """Build an order; with `keyed` False it has no Idempotency-Key header and is deduplicated by position only."""
+    """Build an order. With `keyed` False it has no Idempotency-Key header and is deduplicated by position only."""
     value = json.dumps({"order_id": f"order-{key}", "amount": amount}).encode()
     if not keyed:
         return kafka.Record(partition=partition, key=key.encode(), value=value)
-    return kafka.Record(
-        partition=partition, key=key.encode(), value=value, headers=[("Idempotency-Key", key.encode())]
-    )
+    return kafka.Record(partition=partition, key=key.encode(), value=value, headers=[("Idempotency-Key", key.encode())])
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,7 @@ class Stack:
     _commands: int = 0
 
     def env(self, *, group_id: str | None = None, **settings: object) -> dict[str, str]:
-        """Return the environment of a command; `settings` are named like the variables without the prefix.
+        """Return the environment of a command, with `settings` named like the variables without the prefix.
 
         For example ``worker__inbox_retention_s=2`` sets ``CONSUMER_WORKER__INBOX_RETENTION_S=2``.
         """
@@ -137,9 +134,7 @@ class Stack:
 
     async def replay(self, *args: str, group_id: str | None = None, **settings: object) -> CommandResult:
         """Run ``consumer replay HANDLER --topic TOPIC *args``."""
-        return await self.command(
-            "replay", self.handler, "--topic", self.topic, *args, group_id=group_id, **settings
-        )
+        return await self.command("replay", self.handler, "--topic", self.topic, *args, group_id=group_id, **settings)
 
     async def plan(self, *args: str, group_id: str | None = None, **settings: object) -> list[dict[str, Any]]:
         """Run ``consumer replay ... --dry-run --json *args`` and return its partitions, by partition number."""
@@ -201,7 +196,7 @@ class Rows:
     async def wait_for_next_offsets(
         self, expected: Mapping[int, int], *, scope: str | None = None, timeout_s: float = 60.0
     ) -> None:
-        """Wait until the stored next offsets equal `expected`; on timeout, name the last ones read."""
+        """Wait until the stored next offsets equal `expected`, and name the last ones read on timeout."""
         last: dict[int, int] = {}
 
         async def reached() -> bool:
@@ -218,7 +213,7 @@ class Rows:
 async def wait_until(
     predicate: Callable[[], Awaitable[object]], *, timeout_s: float, description: str, interval_s: float = 0.1
 ) -> None:
-    """Await `predicate` until it returns a truthy value; raise AssertionError naming `description` on timeout."""
+    """Await `predicate` until it returns a truthy value, or raise AssertionError naming `description`."""
     deadline = time.monotonic() + timeout_s
     while not await predicate():
         if time.monotonic() >= deadline:
@@ -257,7 +252,8 @@ async def wait_for_skipped(process: WorkerProcess, total: int, *, timeout_s: flo
 
     async def skipped_all() -> bool:
         records = records_with_action(process, "batch_committed")
-        return sum(record["position_duplicates"] for record in records) >= total
+        skipped = sum(int(record["position_duplicates"]) for record in records)
+        return skipped >= total
 
     await wait_until(skipped_all, timeout_s=timeout_s, description=f"{total} position duplicates skipped")
 

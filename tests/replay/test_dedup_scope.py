@@ -12,7 +12,7 @@ from tests.replay.helpers import order_record
 pytestmark = [pytest.mark.anyio, pytest.mark.acceptance]
 
 
-async def test_new_group_in_old_scope_applies_no_duplicate(make_stack: StackFactory) -> None:
+async def test_shared_scope_new_group_no_duplicates(make_stack: StackFactory) -> None:
     stack, rows = await make_stack(1)
     old_group = stack.group_id
     await stack.produce([order_record(f"k-{n}", keyed=n != 2) for n in range(6)])

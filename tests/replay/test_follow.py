@@ -10,7 +10,7 @@ from tests.replay.helpers import order_record, records_with_action, wait_for_ski
 pytestmark = [pytest.mark.anyio, pytest.mark.acceptance]
 
 
-async def test_replay_of_applied_range_restores_position(make_stack: StackFactory) -> None:
+async def test_replay_restores_end_position(make_stack: StackFactory) -> None:
     """After a replay over offsets that were all applied, the worker stores the log end again, not the target."""
     stack, rows = await make_stack(1)
     await stack.produce([order_record(f"k-{n}") for n in range(5)])
@@ -23,23 +23,21 @@ async def test_replay_of_applied_range_restores_position(make_stack: StackFactor
     worker = await stack.started(log__level="DEBUG")
     await wait_for_skipped(worker, 5)
 
-    # Every replayed message was a duplicate; the worker has read them all.
+    # The worker has read every replayed message, and each was a duplicate.
     await rows.wait_for_next_offsets({0: 5}, timeout_s=10)
     await stack.stop(worker)
     assert await rows.effect_count() == 5
     assert records_with_action(worker, "worker_stopped")[0]["position_duplicates"] == 5
 
 
-async def test_reprocess_reaches_idle_running_worker(make_stack: StackFactory) -> None:
+async def test_reprocess_reaches_idle_worker(make_stack: StackFactory) -> None:
     """A running worker with nothing new to fetch applies a reprocessed range without a restart."""
     stack, rows = await make_stack(1)
     await stack.produce([order_record(f"k-{n}") for n in range(6)])
     worker = await stack.started()
     await rows.wait_for_next_offsets({0: 6})
 
-    result = await stack.replay(
-        "--reprocess", "--partition", "0", "--from-offset", "2", "--until-offset", "4", "--yes"
-    )
+    result = await stack.replay("--reprocess", "--partition", "0", "--from-offset", "2", "--until-offset", "4", "--yes")
     assert result.exit_code == 0, result.stderr
     assert "running workers apply the range after their in-flight batch" in result.stdout
 

@@ -45,8 +45,8 @@ async def test_transaction_markers_leave_no_lag(
 ) -> None:
     if kafka_is_tansu:
         pytest.skip(
-            "Tansu 0.6 answers InitProducerId with UnknownError, so no transactional producer can write "
-            "commit or abort markers; set CONSUMER_TEST_KAFKA_BOOTSTRAP to run this against Kafka"
+            "Tansu 0.6 responds to InitProducerId with UnknownError, so no transactional producer can write "
+            "commit or abort markers. Set CONSUMER_TEST_KAFKA_BOOTSTRAP to run this against Kafka."
         )
     stack, rows = await make_stack(1)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"replay-{uuid.uuid4().hex}")

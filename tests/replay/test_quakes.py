@@ -26,14 +26,14 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 QUAKE_HANDLER = "examples.quakes.handler:QuakeHandler"
 DATA = REPO_ROOT / "examples" / "quakes" / "data" / "usgs-all-day-2025-05-20.jsonl"
-# The first lines of the sample keep the test short; they hold repeated
+# The first lines of the sample keep the test short. They hold repeated
 # polls of the same events, as the whole file does.
 LINES = 600
 PARTITIONS = 2
 
 
 def _records(path: Path, count: int) -> list[kafka.Record]:
-    """Read the first `count` events; each goes to a partition chosen by its earthquake id, like a keyed producer."""
+    """Read the first `count` events, each to a partition chosen by its earthquake id as a keyed producer would."""
     records = []
     with path.open("rb") as lines:
         for _, line in zip(range(count), lines, strict=False):
@@ -55,9 +55,7 @@ async def _skipped(worker: Worker, count: int) -> bool:
     return worker.stats.position_duplicates >= count
 
 
-async def test_replay_of_quakes_changes_no_row(
-    make_stack: StackFactory, kafka_bootstrap: str, database_url: str
-) -> None:
+async def test_quake_replay_changes_no_row(make_stack: StackFactory, kafka_bootstrap: str, database_url: str) -> None:
     stack, rows = await make_stack(PARTITIONS, handler=QUAKE_HANDLER)
     records = _records(DATA, LINES)
     offsets = await stack.produce(records)

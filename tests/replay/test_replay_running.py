@@ -29,7 +29,7 @@ def _assigned(worker: Worker) -> int:
     return len(worker.health()["assigned"])
 
 
-async def test_replay_to_earliest_while_two_workers_run(
+async def test_replay_while_workers_run(
     make_stack: StackFactory,
     kafka_bootstrap: str,
     database_url: str,

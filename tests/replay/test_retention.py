@@ -46,7 +46,7 @@ FROM generate_series(1, $5) AS n
 
 async def test_replay_after_pruning_applies_nothing(make_stack: StackFactory) -> None:
     stack, rows = await make_stack(1)
-    retention = {"worker__inbox_retention_s": 1, "worker__prune_interval_s": 1}
+    retention = {"worker__inbox_retention_s": "1", "worker__prune_interval_s": "1"}
     await stack.produce([order_record(f"k-{n}") for n in range(8)])
     worker = await stack.started(**retention)
     await rows.wait_for_next_offsets({0: 8})
@@ -140,9 +140,9 @@ async def test_prune_under_load_keeps_statements_short(make_stack: StackFactory)
 
 
 async def test_key_outside_horizon_applies_again(make_stack: StackFactory) -> None:
-    """Positions stop redelivered and replayed offsets; a key copy at a new offset past the horizon applies again."""
+    """Positions stop redelivered and replayed offsets, but a copy of a key past the horizon applies again."""
     stack, rows = await make_stack(1)
-    horizon = {"worker__inbox_retention_s": 2}
+    horizon = {"worker__inbox_retention_s": "2"}
     await stack.produce([order_record(f"k-{n}") for n in (1, 2, 3)])
     worker = await stack.started(**horizon)
     await rows.wait_for_next_offsets({0: 3})
@@ -154,7 +154,7 @@ async def test_key_outside_horizon_applies_again(make_stack: StackFactory) -> No
     assert "deleted 3 dedup records" in pruned.stdout
     assert await rows.inbox_count() == 0
 
-    # Kafka's committed offset goes back to 0; PostgreSQL's position wins.
+    # Kafka's committed offset goes back to 0, and PostgreSQL's position wins.
     await commit_kafka_offsets(stack.bootstrap, stack.group_id, stack.topic, {0: 0})
     worker = await stack.started(**horizon)
     await anyio.sleep(2.0)
@@ -172,7 +172,7 @@ async def test_key_outside_horizon_applies_again(make_stack: StackFactory) -> No
     [stopped] = records_with_action(worker, "worker_stopped")
     assert stopped["applied"] == 0
 
-    # The same order again at a new offset: its dedup record was pruned.
+    # The same order again at a new offset, after its dedup record was pruned.
     assert await stack.produce([order_record("k-2")]) == [3]
     worker = await stack.started(log__level="DEBUG", **horizon)
     await rows.wait_for_next_offsets({0: 4})

@@ -1,19 +1,23 @@
-"""The outbox relay when the broker cannot be reached: its rows stay unsent and it retries, without stopping the worker.
+"""The outbox relay when it cannot send at once: an unreachable broker, or another relay holding the lock.
 
-The relay runs against a real PostgreSQL and a producer pointed at a
-127.0.0.1 port where nothing listens.
+Each relay runs in the test process against a real PostgreSQL. Its
+producer points at the test broker, or at a 127.0.0.1 port where nothing
+listens.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from consumer import db, migrations, outbox
+from tests.side_effects.helpers import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -56,3 +60,35 @@ async def test_relay_without_broker_keeps_rows_unsent(pool: asyncpg.Pool) -> Non
     assert sent == 0, "an unreachable broker is a transient failure: send_batch must return 0 and retry later"
     rows = await pool.fetch("SELECT sent_at FROM consumer.outbox WHERE dedup_scope = $1", SCOPE)
     assert [row["sent_at"] for row in rows] == [None]
+
+
+async def test_relay_retries_after_lock_released(pool: asyncpg.Pool, kafka_bootstrap: str, topic_factory: Any) -> None:
+    topic = topic_factory(1, prefix="relay")
+    queries = db.load_queries("side_effects.sql", "consumer")
+    relay = outbox.Relay(
+        pool, queries, SCOPE, lambda: AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+    )
+    # Another worker's relay of the same dedup scope, sending a batch of its own.
+    other_relay = await pool.acquire()
+    try:
+        await other_relay.execute("SELECT pg_advisory_lock(hashtext('consumer.outbox:' || $1))", SCOPE)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(relay.run)
+            await pool.execute(queries.insert_outbox, SCOPE, topic, b"lead-1", b"{}", ["Idempotency-Key"], [b"k"])
+            # What the worker does after a batch that published commits.
+            relay.notify()
+            await anyio.sleep(1.0)
+            await other_relay.execute("SELECT pg_advisory_unlock(hashtext('consumer.outbox:' || $1))", SCOPE)
+
+            async def row_sent() -> bool:
+                sent_at = await pool.fetchval("SELECT sent_at FROM consumer.outbox WHERE dedup_scope = $1", SCOPE)
+                return sent_at is not None
+
+            try:
+                await wait_until(
+                    row_sent, timeout_s=15, description="the relay to send the row once the other relay let go"
+                )
+            finally:
+                task_group.cancel_scope.cancel()
+    finally:
+        await pool.release(other_relay)
