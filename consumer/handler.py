@@ -128,6 +128,11 @@ class Handler(Generic[PayloadT]):
     - `on_key_conflict`: what a key arriving again with a different payload
       does: ``dead_letter`` (default) with reason ``conflict``, ``log`` a
       warning and skip it, or treat it as a plain ``duplicate``.
+    - `ordering`: ``partition`` (default) calls the handler for one message
+      of a partition at a time; ``key`` runs messages with different Kafka
+      keys concurrently, keeping each key's order; ``none`` runs them all
+      concurrently. Up to `max_concurrency` calls per partition run at once,
+      sharing the batch transaction (see `consumer.concurrency`).
     - `dead_letter_topic`: also publish each dead letter there, through the
       outbox, with its original key, value and headers.
     - `tombstones`: what a null value does: ``handle`` (payload None),
@@ -146,6 +151,8 @@ class Handler(Generic[PayloadT]):
     on_key_conflict: ClassVar[Literal["dead_letter", "log", "duplicate"]] = "dead_letter"
     tombstones: ClassVar[Literal["handle", "skip", "dead_letter"] | None] = None
     dead_letter_topic: ClassVar[str | None] = None
+    ordering: ClassVar[Literal["partition", "key", "none"]] = "partition"
+    max_concurrency: ClassVar[int] = 16
 
     @classmethod
     def tombstone_policy(cls) -> Literal["handle", "skip", "dead_letter"]:
@@ -229,12 +236,17 @@ class Handler(Generic[PayloadT]):
             "failure_mode": (cls.failure_mode, ("block", "park")),
             "on_key_conflict": (cls.on_key_conflict, ("dead_letter", "log", "duplicate")),
             "tombstones": (cls.tombstones, (None, "handle", "skip", "dead_letter")),
+            "ordering": (cls.ordering, ("partition", "key", "none")),
         }
         for attribute, (value, allowed) in choices.items():
             if value not in allowed:
                 raise errors.HandlerRegistrationError(
                     f"{cls.name()}.{attribute}={value!r} is invalid; use one of {', '.join(map(repr, allowed))}"
                 )
+        if not isinstance(cls.max_concurrency, int) or cls.max_concurrency < 1:
+            raise errors.HandlerRegistrationError(
+                f"{cls.name()}.max_concurrency={cls.max_concurrency!r} is invalid; use a whole number of at least 1"
+            )
         if cls.payload_format not in ("json", "text", "bytes"):
             raise errors.HandlerRegistrationError(
                 f"{cls.name()}.payload_format={cls.payload_format!r} is invalid; use 'json', 'text' or 'bytes'"

@@ -62,7 +62,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from consumer import dead_letters, errors
+from consumer import concurrency, dead_letters, errors
 from consumer.dead_letters import DeadLetterWriteError, ParkedKeys
 from consumer.handler import BatchHandler, Context, Handler, build_message
 from consumer.message import Message, RawMessage
@@ -395,6 +395,9 @@ async def _run(
     if not savepoints and isinstance(spec.handler, BatchHandler):
         await _run_whole_batch(connection, spec, items, attempts, outcome, parked)
         return
+    if not savepoints and spec.handler.ordering != "partition":
+        await _run_concurrently(connection, spec, items, attempts, outcome, parked)
+        return
     for index, item in enumerate(items):
         if should_stop():
             await _stop_at(connection, spec, items, index, outcome, failure=None)
@@ -409,6 +412,54 @@ async def _run(
         if failure is not None:
             await _stop_at(connection, spec, items, index, outcome, failure=failure)
             return
+
+
+async def _run_concurrently(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    items: list[_Item],
+    attempts: dict[int, AttemptRecord],
+    outcome: BatchOutcome,
+    parked: ParkedKeys,
+) -> None:
+    """Run the batch's handler calls concurrently by key (see `consumer.concurrency`); any failure redoes it.
+
+    A stop request does not cut such a batch short: out-of-order
+    completions cannot commit a prefix, so the batch finishes or, past the
+    shutdown timeout, is cancelled and rolled back.
+    """
+    runnable: list[_Item] = []
+    for item in items:
+        try:
+            settled = await _settle_without_handler(connection, spec, item, outcome, parked)
+        except DeadLetterWriteError as exc:
+            raise RetryWithSavepoints(item.raw.offset, exc) from exc
+        if not settled:
+            runnable.append(item)
+    shared = concurrency.SerializedConnection(connection)
+
+    async def run_one(item: _Item) -> None:
+        offset = item.raw.offset
+        record = attempts.get(offset)
+        if record is not None and (record.give_up_reason or record.count >= spec.policy.max_attempts):
+            # Settled in the sequential redo, where its dead letter is written.
+            raise RetryWithSavepoints(offset, errors.PermanentError("attempts used up"))
+        try:
+            await _attempt(shared, spec, item, (record.count if record else 0) + 1, savepoints=False, outcome=outcome)
+        except Exception as exc:
+            _raise_if_connection_lost(connection, exc)
+            error_class = classify(exc, spec.policy)
+            if error_class is ErrorClass.INFRASTRUCTURE:
+                raise
+            failed = attempts.setdefault(offset, AttemptRecord())
+            failed.add(exc)
+            if error_class is ErrorClass.PERMANENT:
+                failed.give_up_reason = _reason_for(exc, error_class)
+            raise RetryWithSavepoints(offset, exc) from exc
+        outcome.applied += 1
+
+    groups = concurrency.group_by_key(runnable, lambda item: item.raw.key, by_key=spec.handler.ordering == "key")
+    await concurrency.run_groups(groups, run_one, spec.handler.max_concurrency)
 
 
 async def _settle_without_handler(

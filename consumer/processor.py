@@ -82,6 +82,7 @@ class PartitionProcessor:
         # Replay epoch of the stored position this processor reads from.
         self._epoch = epoch
         self._pending: deque[RawMessage] = deque()
+        self._pending_bytes = 0
         self._wakeup = anyio.Event()
         self._stop_requested = False
         self._stop_event = anyio.Event()
@@ -101,9 +102,15 @@ class PartitionProcessor:
     def backlog(self) -> int:
         return len(self._pending)
 
+    @property
+    def pending_bytes(self) -> int:
+        """Key and value bytes of the queued records."""
+        return self._pending_bytes
+
     def submit(self, records: list[RawMessage]) -> None:
         """Queue fetched records; they must follow the ones queued before."""
         self._pending.extend(records)
+        self._pending_bytes += sum(_size(record) for record in records)
         self._wakeup.set()
 
     def request_stop(self) -> None:
@@ -134,6 +141,7 @@ class PartitionProcessor:
                         await self._wakeup.wait()
                         continue
                     batch = [self._pending.popleft() for _ in range(min(self._max_batch_size, len(self._pending)))]
+                    self._pending_bytes -= sum(_size(record) for record in batch)
                     await self._apply(batch)
         finally:
             self._done.set()
@@ -289,6 +297,7 @@ class PartitionProcessor:
         self._epoch = outcome.epoch
         self._last_committed = outcome.next_offset
         self._pending.clear()
+        self._pending_bytes = 0
         self._attempts.clear()
         self._hooks.seek(self.topic, self.partition, outcome.next_offset)
         logger.info(
@@ -305,7 +314,7 @@ class PartitionProcessor:
     def _skip_to(self, next_offset: int) -> None:
         """Drop queued records below the stored position and fetch from there."""
         while self._pending and self._pending[0].offset < next_offset:
-            self._pending.popleft()
+            self._pending_bytes -= _size(self._pending.popleft())
         if not self._pending:
             self._hooks.seek(self.topic, self.partition, next_offset)
 
@@ -371,3 +380,7 @@ class PartitionProcessor:
             "backlog": self.backlog,
             "halted": self.halted_reason,
         }
+
+
+def _size(record: RawMessage) -> int:
+    return len(record.value or b"") + len(record.key or b"")

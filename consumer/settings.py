@@ -209,6 +209,14 @@ class WorkerSettings(BaseModel):
         default=0.5, ge=0, description="First retry delay, in seconds; doubles each attempt."
     )
     retry_backoff_max_s: float = Field(default=30.0, ge=0, description="Upper bound of the retry delay, in seconds.")
+    max_buffered_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description=(
+            "Fetched key and value bytes a worker holds before it pauses fetching, in bytes (default 64 MiB). "
+            "Each partition also stops fetching while two batches wait."
+        ),
+    )
     kafka_commit_interval_s: float = Field(
         default=1.0,
         gt=0,

@@ -253,6 +253,7 @@ class Worker:
         # bounds memory and still lets the next batch be fetched during the
         # current one.
         backlog_limit = 2 * self.settings.worker.max_batch_size
+        bytes_limit = self.settings.worker.max_buffered_bytes
         with scope:
             while True:
                 fetched = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=max_records)
@@ -263,8 +264,13 @@ class Worker:
                         continue
                     processor.submit([_raw(record) for record in records])
                     self.stats.fetched += len(records)
-                    if processor.backlog >= backlog_limit:
+                    if processor.backlog >= backlog_limit or self.buffered_bytes() >= bytes_limit:
+                        # Resumed by the processor once its queue is empty.
                         consumer.pause(tp)
+
+    def buffered_bytes(self) -> int:
+        """Key and value bytes fetched and not yet applied, over all partitions."""
+        return sum(processor.pending_bytes for processor in self._processors.values())
 
     def _resume(self, topic: str, partition: int) -> None:
         consumer = self._consumer

@@ -122,8 +122,8 @@ class LeadScorer(Handler[Lead]):
 
         A 400 or 422 status means the service will never accept this lead,
         so it raises `PermanentError` and the event is dead-lettered without
-        retries. Other failures (timeouts, 5xx) raise httpx errors, which
-        are retried up to the worker's max attempts and then dead-lettered;
+        retries. Other failures (timeouts, 5xx) raise httpx errors. Those are
+        retried up to the worker's max attempts, then dead-lettered, and
         ``consumer dead-letters redrive`` applies them once the service is back.
         """
         # A client per request keeps the handler free of start and stop

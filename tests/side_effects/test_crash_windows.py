@@ -98,7 +98,7 @@ async def test_kill_after_step_stored_reuses_result(leads: tuple[LeadsDeployment
     assert counted[0]["score"] == scores["lead-e-1"]["score"]
 
 
-async def test_kill_before_kafka_commit_calls_nothing_again(leads: tuple[LeadsDeployment, LeadRows]) -> None:
+async def test_kill_before_kafka_commit_repeats_nothing(leads: tuple[LeadsDeployment, LeadRows]) -> None:
     deployment, rows = leads
     service = deployment.service
     # Kafka's committed offset is only a mirror for lag tools; an hour keeps it from being written.
