@@ -260,6 +260,10 @@ async def apply_batch(
                     ) from signal.error
             raise
         outcome.next_offset = outcome.stopped_at if outcome.stopped_at is not None else raws[-1].offset + 1
+    else:
+        # Everything was below the position or the high-water mark (a
+        # replay over applied offsets): the position still moves past it.
+        outcome.next_offset = max(next_offset, raws[-1].offset + 1)
 
     with anyio.CancelScope(shield=True), anyio.fail_after(COMMIT_TIMEOUT_S):
         if outcome.next_offset != next_offset or outcome.position_duplicates:

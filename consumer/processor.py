@@ -83,6 +83,7 @@ class PartitionProcessor:
         self._epoch = epoch
         self._pending: deque[RawMessage] = deque()
         self._pending_bytes = 0
+        self._busy = False
         self._wakeup = anyio.Event()
         self._stop_requested = False
         self._stop_event = anyio.Event()
@@ -97,6 +98,22 @@ class PartitionProcessor:
     def stored_position(self) -> int | None:
         """Stored position after this processor's last commit, if it committed yet."""
         return self._last_committed
+
+    @property
+    def idle(self) -> bool:
+        """True while nothing is queued or being applied."""
+        return not self._pending and not self._busy and not self._stop_requested
+
+    def follow_replay(self, next_offset: int, epoch: int) -> bool:
+        """Seek to a position a replay stored while this partition was idle; return whether it did."""
+        if not self.idle or epoch == self._epoch or (self._epoch is None and epoch == 0):
+            return False
+        self._follow_replay(BatchOutcome(next_offset=next_offset, previous_offset=next_offset, epoch=epoch))
+        return True
+
+    def note_position(self, next_offset: int) -> None:
+        """Record a position the worker stored for this idle partition."""
+        self._last_committed = next_offset
 
     @property
     def backlog(self) -> int:
@@ -142,7 +159,11 @@ class PartitionProcessor:
                         continue
                     batch = [self._pending.popleft() for _ in range(min(self._max_batch_size, len(self._pending)))]
                     self._pending_bytes -= sum(_size(record) for record in batch)
-                    await self._apply(batch)
+                    self._busy = True
+                    try:
+                        await self._apply(batch)
+                    finally:
+                        self._busy = False
         finally:
             self._done.set()
 

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 _POSITION_READ_ATTEMPTS = 5
 _GAUGE_INTERVAL_S = 5.0
+# How often idle partitions look for a replay or an offset gap, in seconds.
+_POSITION_CHECK_INTERVAL_S = 2.0
 # Table sizes are counted every 12th round of the gauges, once a minute.
 _TABLE_GAUGE_EVERY = 12
 
@@ -139,6 +141,7 @@ class Worker:
                 task_group.start_soon(self._mirror_loop)
                 task_group.start_soon(self._gauges_loop)
                 task_group.start_soon(self._prune_loop)
+                task_group.start_soon(self._position_loop)
                 task_group.start_soon(self._relay.run)
                 task_group.start_soon(
                     retention.check_horizon, settings.kafka, self.topics, settings.worker.inbox_retention_s
@@ -341,6 +344,56 @@ class Worker:
                 extra={"action": "kafka_commit_skipped", "group_id": self.group_id},
             )
 
+    # -- idle partitions ------------------------------------------------------
+
+    async def _position_loop(self) -> None:
+        while True:
+            await anyio.sleep(_POSITION_CHECK_INTERVAL_S)
+            try:
+                await self._check_idle_positions()
+            except Exception as exc:
+                if not retry.is_infrastructure(exc):
+                    raise
+                logger.warning(
+                    "position check failed, retrying at the next interval: %s: %s",
+                    type(exc).__name__,
+                    exc,
+                    extra={"action": "position_check_failed", "group_id": self.group_id},
+                )
+
+    async def _check_idle_positions(self) -> None:
+        """Let idle partitions follow a replay, and move their position over offsets without records.
+
+        A busy partition needs neither: its next batch transaction sees a
+        replay's epoch, and its next record moves the position past a gap.
+        """
+        consumer, pool, spec = self._consumer, self._pool, self._spec
+        idle = {tp: processor for tp, processor in self._processors.items() if processor.idle}
+        if consumer is None or pool is None or spec is None or not idle:
+            return
+        rows = await pool.fetch(spec.queries.read_positions, self.dedup_scope, self.topics)
+        stored = {TopicPartition(row["topic"], row["partition"]): row for row in rows}
+        for tp, processor in idle.items():
+            row = stored.get(tp)
+            if row is None or not processor.idle:
+                continue
+            if processor.follow_replay(row["next_offset"], row["epoch"]):
+                continue
+            fetch_position = await consumer.position(tp)
+            if processor.idle and processor.stored_position == row["next_offset"] < fetch_position:
+                status = await pool.execute(
+                    spec.queries.advance_idle_position,
+                    self.dedup_scope,
+                    tp.topic,
+                    tp.partition,
+                    fetch_position,
+                    row["next_offset"],
+                    row["epoch"],
+                )
+                if status.endswith(" 1"):
+                    processor.note_position(fetch_position)
+                    self._committed(tp.topic, tp.partition, fetch_position)
+
     # -- retention ------------------------------------------------------------
 
     async def _prune_loop(self) -> None:
@@ -489,15 +542,17 @@ class Worker:
                 lost = first - position
                 self.stats.offsets_lost += lost
                 self.metrics.offsets_lost.labels(self.group_id, tp.topic, str(tp.partition)).inc(lost)
+                stopping = self.settings.worker.on_offsets_lost == "stop"
                 logger.error(
-                    "offsets %d to %d of %s-%d were deleted before they were applied (%d messages lost); "
-                    "continuing from the log start %d",
+                    "offsets %d to %d of %s-%d were deleted before they were applied (%d messages lost); %s",
                     position,
                     first - 1,
                     tp.topic,
                     tp.partition,
                     lost,
-                    first,
+                    "stopping, as CONSUMER_WORKER__ON_OFFSETS_LOST=stop"
+                    if stopping
+                    else f"continuing from the log start {first}",
                     extra={"action": "offsets_lost", "topic": tp.topic, "partition": tp.partition, "offset": position},
                 )
                 if self.settings.worker.on_offsets_lost == "stop":

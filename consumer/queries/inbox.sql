@@ -98,3 +98,14 @@ ON CONFLICT (dedup_scope, topic, key) DO NOTHING
 UPDATE {schema}.dead_letters
 SET status = $5, updated_at = now()
 WHERE dedup_scope = $1 AND topic = $2 AND partition = $3 AND "offset" = $4
+
+-- name: advance_idle_position
+-- Move an idle partition's position over offsets that hold no record (a
+-- transaction marker, a compacted gap), up to where the consumer fetches
+-- next. The conditions make it a no-op if a batch or a replay moved the
+-- row meanwhile.
+UPDATE {schema}.positions
+SET next_offset = $4,
+    high_water = greatest(high_water, $4),
+    updated_at = now()
+WHERE dedup_scope = $1 AND topic = $2 AND partition = $3 AND next_offset = $5 AND epoch = $6
