@@ -221,6 +221,7 @@ async def _prune(args: argparse.Namespace, config: settings.Settings) -> int:
     horizon_s = args.older_than if args.older_than is not None else config.worker.inbox_retention_s
     connection = await db.connect(config.postgres)
     queries = db.load_queries("replay.sql", config.postgres.schema_name)
+    side_queries = db.load_queries("side_effects.sql", config.postgres.schema_name)
     try:
         scopes = [args.group] if args.group else [row[0] for row in await connection.fetch(queries.scopes)]
         for scope in scopes:
@@ -231,7 +232,13 @@ async def _prune(args: argparse.Namespace, config: settings.Settings) -> int:
             deleted = await retention.prune(
                 connection, queries, scope, retention_s=horizon_s, batch_size=config.worker.prune_batch_size
             )
-            print(f"{scope}: deleted {deleted} dedup records older than {horizon_s:.0f}s")
+            side = await retention.prune_side_effects(
+                connection, side_queries, scope, retention_s=horizon_s, batch_size=config.worker.prune_batch_size
+            )
+            print(
+                f"{scope}: deleted {deleted} dedup records and {side} step results or sent outbox rows "
+                f"older than {horizon_s:.0f}s"
+            )
     finally:
         await connection.close()
     return 0

@@ -1,8 +1,9 @@
 """The outbox relay: sends messages that handlers published, after their transaction committed.
 
-Rows are sent in id order, which is commit order per key, by one relay per
-dedup scope at a time (an advisory lock), so messages with the same key keep
-their order. A row is marked sent after the broker acknowledged it; a crash
+Rows are sent in id order by one relay per dedup scope at a time (an
+advisory lock). One partition's batches commit one after another, so the
+messages its handlers publish keep their order; ids of rows published from
+different partitions interleave. A row is marked sent after the broker acknowledged it; a crash
 in between sends it again, so delivery is at least once, and the
 ``Idempotency-Key`` header each row carries lets the consumer downstream
 apply it once.
@@ -38,6 +39,7 @@ class Relay:
         self._wakeup = anyio.Event()
         self.sent = 0
         self.last_error = ""
+        self._retry = False
 
     def notify(self) -> None:
         """Wake the relay: a batch with published messages committed."""
@@ -49,6 +51,12 @@ class Relay:
             while True:
                 while await self.send_batch() == _BATCH_SIZE:
                     pass
+                if self._retry:
+                    # The other relay held the lock, or sending failed: look
+                    # again after a pause even if nobody publishes meanwhile.
+                    self._retry = False
+                    await anyio.sleep(_RETRY_DELAY_S)
+                    continue
                 await self._wakeup.wait()
                 self._wakeup = anyio.Event()
         finally:
@@ -60,6 +68,7 @@ class Relay:
         try:
             async with self._pool.acquire() as connection, connection.transaction():
                 if not await connection.fetchval(self._queries.relay_lock, self._dedup_scope):
+                    self._retry = True
                     return 0
                 rows = await connection.fetch(self._queries.unsent, self._dedup_scope, _BATCH_SIZE)
                 if not rows:
@@ -70,19 +79,22 @@ class Relay:
                 if len(sent) < len(rows):
                     failed = rows[len(sent)]
                     await connection.execute(self._queries.mark_failed, failed["id"], self.last_error)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
             logger.warning(
-                "outbox relay failed, retrying: %s: %s",
+                "outbox relay failed, retrying in %.1fs: %s: %s",
+                _RETRY_DELAY_S,
                 type(exc).__name__,
                 exc,
                 extra={"action": "outbox_relay_failed", "dedup_scope": self._dedup_scope},
             )
-            await anyio.sleep(_RETRY_DELAY_S)
-            # Try again even if nobody publishes meanwhile.
-            self._wakeup.set()
+            if isinstance(exc, KafkaError):
+                # A producer that could not start is dropped; the next try builds a new one.
+                with anyio.CancelScope(shield=True):
+                    await self.close()
+            self._retry = True
             return 0
         if len(sent) < len(rows):
-            self._wakeup.set()
+            self._retry = True
         self.sent += len(sent)
         return len(sent)
 
@@ -117,7 +129,6 @@ class Relay:
                 self.last_error,
                 extra={"action": "outbox_send_failed", "dedup_scope": self._dedup_scope},
             )
-            await anyio.sleep(_RETRY_DELAY_S)
         return acknowledged
 
     async def _producer_started(self) -> AIOKafkaProducer:
@@ -128,6 +139,9 @@ class Relay:
         return self._producer
 
     async def close(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await producer.stop()
+            except KafkaError as exc:
+                logger.info("outbox producer stop failed: %s", exc, extra={"action": "outbox_producer_stop_failed"})

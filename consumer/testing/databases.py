@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import re
 import time
 import uuid
@@ -101,11 +102,19 @@ class DatabaseFactory:
         handlers = list(handlers)
         return run_sync(lambda: self._create(handlers))
 
+    def drop(self, url: str) -> None:
+        """Drop the database at `url`, which this factory created, after disconnecting its sessions."""
+        name = urlsplit(url).path.lstrip("/")
+        if name not in self._created:
+            raise ValueError(f"database {name!r} was not created by this factory; drop only its own databases")
+        self._created.remove(name)
+        run_sync(lambda: _drop_database(self.admin_dsn, name))
+
     def drop_all(self) -> None:
         """Drop every database this factory created, its template last."""
-        while self._created:
-            name = self._created.pop()
-            run_sync(lambda: _drop_database(self.admin_dsn, name))
+        for name in reversed(self._created):
+            run_sync(functools.partial(_drop_database, self.admin_dsn, name))
+        self._created.clear()
         if self._template is not None:
             template, self._template = self._template, None
             run_sync(lambda: _drop_database(self.admin_dsn, template))

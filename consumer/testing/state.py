@@ -15,9 +15,10 @@ from typing import Any
 import asyncpg
 
 from consumer import db
+from consumer.handler import Handler, build_message
 from consumer.message import RawMessage
 
-__all__ = ["EffectCount", "InboxState"]
+__all__ = ["EffectCount", "InboxState", "idempotency_key_of"]
 
 # A SQL query returning a count, with the idempotency key as $1, or a
 # coroutine function computing the count from a connection and the key.
@@ -35,6 +36,16 @@ def load_queries(schema: str) -> db.Queries:
         name: body.strip().replace("{schema}", schema) for name, body in zip(parts[1::2], parts[2::2], strict=True)
     }
     return db.Queries(texts)
+
+
+def idempotency_key_of(handler: Handler[Any], raw: RawMessage) -> str | None:
+    """Return the key `handler` deduplicates `raw` on, or None when the record cannot be decoded."""
+    try:
+        return build_message(handler, raw).idempotency_key
+    except Exception:
+        # Bad input, or a bug in the handler's decode or key function: the
+        # record has no key, and the test sees the dead letter instead.
+        return None
 
 
 class InboxState:

@@ -33,6 +33,7 @@ __all__ = [
     "TWO_STEP_HANDLER",
     "Deployment",
     "Rows",
+    "assert_running",
     "lines_with",
     "order_record",
     "wait_for_exit",
@@ -245,24 +246,39 @@ async def wait_for_output(
         await anyio.sleep(0.05)
 
 
-async def wait_for_positions(rows: Rows, expected: Mapping[int, int], *, timeout_s: float) -> float:
-    """Wait until the stored positions equal ``expected`` and return the seconds waited."""
+def assert_running(workers: Iterable[WorkerProcess]) -> None:
+    """Raise AssertionError with the end of its output when one of ``workers`` has exited."""
+    for worker in workers:
+        if worker.returncode is not None:
+            raise AssertionError(f"worker exited with code {worker.returncode}\n{worker.output_tail()}")
+
+
+async def wait_for_positions(
+    rows: Rows, expected: Mapping[int, int], *, timeout_s: float, workers: Iterable[WorkerProcess] = ()
+) -> float:
+    """Wait until the stored positions equal ``expected`` and return the seconds waited.
+
+    Fails at once when one of ``workers`` exits meanwhile.
+    """
+    workers = list(workers)
     started = time.monotonic()
     while True:
         positions = await rows.positions()
         if positions == expected:
             return time.monotonic() - started
+        assert_running(workers)
         if time.monotonic() - started >= timeout_s:
             raise AssertionError(f"positions {positions}, expected {dict(expected)} within {timeout_s} s")
         await anyio.sleep(0.1)
 
 
-async def wait_for_invocation(rows: Rows, key: str, *, timeout_s: float = 30.0) -> float:
-    """Wait until the handler has been called for ``key`` and return the seconds waited."""
+async def wait_for_invocation(rows: Rows, key: str, worker: WorkerProcess, *, timeout_s: float = 30.0) -> float:
+    """Wait until ``worker`` has called the handler for ``key`` and return the seconds waited."""
     started = time.monotonic()
     while (await rows.invocations_per_key()).get(key, 0) == 0:
+        assert_running([worker])
         if time.monotonic() - started >= timeout_s:
-            raise AssertionError(f"handler not called for {key!r} within {timeout_s} s")
+            raise AssertionError(f"handler not called for {key!r} within {timeout_s} s\n{worker.output_tail()}")
         await anyio.sleep(0.05)
     return time.monotonic() - started
 

@@ -57,7 +57,7 @@ async def stop_inside_slow_handler(
     started = time.monotonic()
     worker = deployment.start("first", hooks={"k-1": {"sleep_before_s": SLOW_HANDLER_S}}, settings=settings)
 
-    await wait_for_invocation(rows, "k-1", timeout_s=STOP_AT_S)
+    await wait_for_invocation(rows, "k-1", worker, timeout_s=STOP_AT_S)
     await anyio.sleep(max(STOP_AT_S - (time.monotonic() - started), 0.0))
     stop(worker)
     exit_code = await wait_for_exit(worker, timeout_s=15)
@@ -79,7 +79,7 @@ async def assert_nothing_applied(deployment: Deployment, rows: Rows) -> None:
 async def restart_and_finish(deployment: Deployment, rows: Rows) -> None:
     """Restart without the slow hook and check that both messages end up applied once."""
     worker = deployment.start("restarted")
-    await wait_for_positions(rows, {0: 2}, timeout_s=30)
+    await wait_for_positions(rows, {0: 2}, timeout_s=30, workers=[worker])
     await wait_for_kafka_committed(deployment, 2)
 
     assert await rows.effects_per_key() == {"k-1": 1, "k-2": 1}
@@ -142,7 +142,7 @@ async def test_kill_after_database_commit_applies_nothing_again(deploy: Deploy) 
     settings = {"CONSUMER_WORKER__KAFKA_COMMIT_INTERVAL_S": 3600}
 
     first = deployment.start("first", settings=settings)
-    await wait_for_positions(rows, {0: 5}, timeout_s=30)
+    await wait_for_positions(rows, {0: 5}, timeout_s=30, workers=[first])
     first.kill()
     assert await wait_for_exit(first) == -9
     assert await deployment.kafka_committed(1) == {0: None}
@@ -152,7 +152,7 @@ async def test_kill_after_database_commit_applies_nothing_again(deploy: Deploy) 
     # A message after the old ones: once it is applied, any redelivery of
     # offsets 0 to 4 would have been handled before it.
     await deployment.produce([order_record("k-6")])
-    await wait_for_positions(rows, {0: 6}, timeout_s=30)
+    await wait_for_positions(rows, {0: 6}, timeout_s=30, workers=[restarted])
     restarted.terminate()
     assert await wait_for_exit(restarted) == 0
 

@@ -19,12 +19,14 @@ from tests.acceptance.helpers import (
     RETRY_LINE,
     Deployment,
     Rows,
+    assert_running,
     lines_with,
     order_record,
     wait_for_exit,
     wait_for_output,
 )
 from tests.support.kafka import Record
+from tests.support.process import WorkerProcess
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 
@@ -45,22 +47,26 @@ async def assert_kafka_not_ahead(deployment: Deployment, rows: Rows, partitions:
     return committed
 
 
-async def wait_for_effects(rows: Rows, minimum: dict[int, int], *, timeout_s: float) -> None:
-    """Wait until each partition in ``minimum`` has at least that many committed effects."""
+async def wait_for_effects(
+    rows: Rows, minimum: dict[int, int], workers: list[WorkerProcess], *, timeout_s: float
+) -> None:
+    """Wait until each partition in ``minimum`` has at least that many committed effects, while ``workers`` run."""
     started = time.monotonic()
     while True:
         counts = await rows.effects_per_partition()
         if all(counts.get(partition, 0) >= count for partition, count in minimum.items()):
             return
+        assert_running(workers)
         if time.monotonic() - started >= timeout_s:
             raise AssertionError(f"effects per partition {counts}, expected at least {minimum} within {timeout_s} s")
         await anyio.sleep(0.1)
 
 
-async def wait_for_writers(rows: Rows, names: set[str], *, timeout_s: float) -> None:
-    """Wait until each worker in ``names`` has committed at least one effect."""
+async def wait_for_writers(rows: Rows, names: set[str], workers: list[WorkerProcess], *, timeout_s: float) -> None:
+    """Wait until each worker in ``names`` has committed at least one effect, while ``workers`` run."""
     started = time.monotonic()
     while not names <= (writers := set((await rows.effect_workers()).values())):
+        assert_running(workers)
         if time.monotonic() - started >= timeout_s:
             raise AssertionError(f"effects written by {sorted(writers)}, expected {sorted(names)} within {timeout_s} s")
         await anyio.sleep(0.2)
@@ -79,7 +85,7 @@ async def test_revoke_mid_batch_keeps_each_effect_once(deploy: Deploy) -> None:
     settings = {"CONSUMER_WORKER__MAX_BATCH_SIZE": 4}
 
     first = deployment.start("A", hooks=hooks, settings=settings)
-    await wait_for_effects(rows, {0: 3, 1: 3}, timeout_s=40)
+    await wait_for_effects(rows, {0: 3, 1: 3}, [first], timeout_s=40)
     second = deployment.start("B", hooks=hooks, settings=settings)
     await wait_for_output(second, ASSIGNED_LINE, timeout_s=40)
 
@@ -87,6 +93,7 @@ async def test_revoke_mid_batch_keeps_each_effect_once(deploy: Deploy) -> None:
     deadline = time.monotonic() + 60
     while await rows.positions() != {0: 10, 1: 10}:
         assert time.monotonic() < deadline, f"positions {await rows.positions()} after 60 s"
+        assert_running([first, second])
         sampled.append(await assert_kafka_not_ahead(deployment, rows, 2))
         await anyio.sleep(0.5)
     # The mirror copies positions to Kafka every second.
@@ -165,10 +172,10 @@ async def test_members_joining_and_leaving_apply_each_key_once(deploy: Deploy) -
     settings = {"CONSUMER_WORKER__MAX_BATCH_SIZE": 10}
 
     first = deployment.start("W1", hooks=hooks, settings=settings)
-    await wait_for_effects(rows, {partition: 5 for partition in range(partitions)}, timeout_s=40)
+    await wait_for_effects(rows, {partition: 5 for partition in range(partitions)}, [first], timeout_s=40)
     second = deployment.start("W2", hooks=hooks, settings=settings)
     third = deployment.start("W3", hooks=hooks, settings=settings)
-    await wait_for_writers(rows, {"W2", "W3"}, timeout_s=40)
+    await wait_for_writers(rows, {"W2", "W3"}, [first, second, third], timeout_s=40)
 
     second.terminate()
     assert await wait_for_exit(second, timeout_s=30) == 0
@@ -182,6 +189,7 @@ async def test_members_joining_and_leaving_apply_each_key_once(deploy: Deploy) -
     deadline = time.monotonic() + 90
     while await rows.positions() != end_offsets:
         assert time.monotonic() < deadline, f"positions {await rows.positions()}, expected {end_offsets}"
+        assert_running([first, fourth])
         await anyio.sleep(0.5)
     alive = [first.returncode is None, fourth.returncode is None]
     first.terminate()

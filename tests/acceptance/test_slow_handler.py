@@ -39,7 +39,7 @@ async def test_slow_handler_keeps_group_membership(deploy: Deploy) -> None:
     worker = deployment.start(
         "only", hooks=SLOW_HOOK, settings={"CONSUMER_KAFKA__MAX_POLL_INTERVAL_S": MAX_POLL_INTERVAL_S}
     )
-    await wait_for_positions(rows, {0: 3}, timeout_s=60)
+    await wait_for_positions(rows, {0: 3}, timeout_s=60, workers=[worker])
     log_before_stop = worker.read_stderr()
     worker.terminate()
     exit_code = await wait_for_exit(worker)
@@ -63,7 +63,7 @@ async def test_slow_handler_with_two_members_applies_once(deploy: Deploy) -> Non
 
     started = time.monotonic()
     workers = [deployment.start(name, hooks=SLOW_HOOK, settings=settings) for name in ("A", "B")]
-    await wait_for_positions(rows, {0: 3}, timeout_s=90)
+    await wait_for_positions(rows, {0: 3}, timeout_s=90, workers=workers)
     finished_after_s = time.monotonic() - started
     alive = [worker.returncode is None for worker in workers]
     for worker in workers:

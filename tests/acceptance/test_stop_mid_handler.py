@@ -81,7 +81,7 @@ async def watching(
 async def restart_and_finish(deployment: Deployment, rows: Rows) -> WorkerProcess:
     """Restart without hooks, wait until all three messages are applied, and stop the worker."""
     worker = deployment.start("restarted", handler=TWO_STEP_HANDLER)
-    await wait_for_positions(rows, {0: 3}, timeout_s=40)
+    await wait_for_positions(rows, {0: 3}, timeout_s=40, workers=[worker])
     worker.terminate()
     assert await wait_for_exit(worker) == 0
     return worker
@@ -139,7 +139,7 @@ async def test_kill_mid_handler_leaves_no_half_applied_message(deploy: Deploy) -
             hooks={"k-2": {"sleep_between_s": 2}},
             settings={"CONSUMER_WORKER__MAX_BATCH_SIZE": 1},
         )
-        await wait_for_invocation(rows, "k-2", timeout_s=30)
+        await wait_for_invocation(rows, "k-2", first, timeout_s=30)
         # k-2's effect row is written; its ledger row comes after the sleep.
         await anyio.sleep(0.5)
         first.kill()
@@ -182,7 +182,7 @@ async def test_sigterm_within_grace_finishes_and_leaves_group(deploy: Deploy, ka
             await wait_for_output(first, ASSIGNED_LINE, count=2, timeout_s=30)
         await deployment.produce([order_record(key) for key in KEYS])
 
-        await wait_for_invocation(rows, "k-2", timeout_s=30)
+        await wait_for_invocation(rows, "k-2", first, timeout_s=30)
         await anyio.sleep(0.5)
         first.terminate()
         stopped_at = time.monotonic()
@@ -213,7 +213,7 @@ async def test_sigterm_past_grace_rolls_back_message(deploy: Deploy) -> None:
             hooks={"k-2": {"sleep_between_s": 5}},
             settings={"CONSUMER_WORKER__MAX_BATCH_SIZE": 1, "CONSUMER_WORKER__SHUTDOWN_TIMEOUT_S": 1},
         )
-        await wait_for_invocation(rows, "k-2", timeout_s=30)
+        await wait_for_invocation(rows, "k-2", first, timeout_s=30)
         await anyio.sleep(0.2)
         first.terminate()
         stopped_at = time.monotonic()
@@ -241,7 +241,7 @@ async def test_sigterm_past_grace_rolls_back_whole_batch(deploy: Deploy) -> None
             hooks={"k-2": {"sleep_between_s": 5}},
             settings={"CONSUMER_WORKER__SHUTDOWN_TIMEOUT_S": 1},
         )
-        await wait_for_invocation(rows, "k-2", timeout_s=30)
+        await wait_for_invocation(rows, "k-2", first, timeout_s=30)
         await anyio.sleep(0.2)
         first.terminate()
         assert await wait_for_exit(first, timeout_s=15) == 0
