@@ -9,7 +9,7 @@ import asyncpg
 
 from consumer import migrations
 
-__all__ = ["BenchDatabase", "EFFECT_INSERT", "SCHEMA"]
+__all__ = ["EFFECT_INSERT", "SCHEMA", "BenchDatabase"]
 
 # Schema of the framework's tables in the benchmark database.
 SCHEMA = "consumer"

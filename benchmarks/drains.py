@@ -57,12 +57,12 @@ def group_consumer(bootstrap_servers: str, topic: str) -> AIOKafkaConsumer:
     )
 
 
-async def raw_drain(bootstrap_servers: str, topic: Topic) -> Drained:
+async def raw_drain(bootstrap_servers: str, topic: Topic, *, ready: Callable[[], None] | None = None) -> Drained:
     """Fetch every record and do nothing with it: what the broker and aiokafka allow."""
     consumer = group_consumer(bootstrap_servers, topic.name)
     await consumer.start()
     try:
-        return await _drain(consumer, topic, _ignore)
+        return await _drain(consumer, topic, _ignore, ready=ready)
     finally:
         await consumer.stop()
 

@@ -63,8 +63,10 @@ def settings_for(bootstrap_servers: str, database_url: str, topic: str, group_id
 
 
 async def read_positions(connection: asyncpg.Connection, dedup_scope: str) -> dict[int, int]:
+    # SCHEMA is a constant of this package.
     rows = await connection.fetch(
-        f"SELECT partition, next_offset FROM {SCHEMA}.positions WHERE dedup_scope = $1", dedup_scope
+        f"SELECT partition, next_offset FROM {SCHEMA}.positions WHERE dedup_scope = $1",  # noqa: S608
+        dedup_scope,
     )
     return {row["partition"]: row["next_offset"] for row in rows}
 
@@ -91,12 +93,13 @@ async def run_worker(
             launched = time.monotonic()
             task_group.start_soon(worker.run)
             with anyio.fail_after(RUN_TIMEOUT_S):
-                while worker.stats.fetched == 0:
+                # Polling, because the worker has no event for its first fetch.
+                while worker.stats.fetched == 0:  # noqa: ASYNC110
                     await anyio.sleep(_FETCH_POLL_S)
                 started = time.monotonic()
                 if on_fetch is not None:
                     on_fetch()
-                while not reached_end(await read_positions(observer, worker.dedup_scope), topic):
+                while not reached_end(await read_positions(observer, worker.dedup_scope), topic):  # noqa: ASYNC110
                     await anyio.sleep(POLL_S)
             finished = time.monotonic()
             stats = worker.stats

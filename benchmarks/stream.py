@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 
 from consumer.handler import IDEMPOTENCY_KEY_HEADER
 
-__all__ = ["Message", "Topic", "key_stream", "main_stream", "make_value", "plain_stream", "produce"]
+__all__ = ["Message", "Topic", "event", "key_stream", "main_stream", "make_value", "plain_stream", "produce"]
 
 VALUE_SIZE = 300
 # Messages sent before the producer waits for their acknowledgements.
@@ -70,7 +70,7 @@ def main_stream(count: int, partitions: int, duplicate_share: float, seed: int) 
     """
     rng = random.Random(seed)
     copies = int(count * duplicate_share)
-    originals = [_event(f"evt-{seed}-{index:08d}", index, partitions, rng) for index in range(count - copies)]
+    originals = [event(f"evt-{seed}-{index:08d}", index, partitions, rng) for index in range(count - copies)]
     # Each message gets a sort position: originals their index, copies a
     # point up to 1,000 messages after their original.
     placed = [(float(index), message) for index, message in enumerate(originals)]
@@ -85,10 +85,10 @@ def plain_stream(count: int, partitions: int, seed: int) -> Iterator[Message]:
     """Yield `count` distinct events round-robin over `partitions`, for backlogs too large to hold in memory."""
     rng = random.Random(seed)
     for index in range(count):
-        yield _event(f"evt-{seed}-{index:08d}", index, partitions, rng)
+        yield event(f"evt-{seed}-{index:08d}", index, partitions, rng)
 
 
-def _event(event_id: str, index: int, partitions: int, rng: random.Random) -> Message:
+def event(event_id: str, index: int, partitions: int, rng: random.Random) -> Message:
     return Message(
         value=make_value(event_id, rng),
         key=f"acct-{index % 1_000:04d}".encode(),

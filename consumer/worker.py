@@ -223,6 +223,11 @@ class Worker:
                     exc,
                     extra={"action": "group_leave_failed", "group_id": self.group_id},
                 )
+            else:
+                # NOTE: aiokafka sends LeaveGroup only for a generation above 0, so
+                # the only member of a group's first generation (seen on Tansu 0.6)
+                # leaves by session timeout instead.
+                logger.info("left the group", extra={"action": "group_left", "group_id": self.group_id})
             self._consumer = None
         for pool in (self._pool, self._side_pool):
             if pool is not None:

@@ -183,7 +183,7 @@ async def test_members_joining_and_leaving_apply_each_key_once(deploy: Deploy) -
     third.kill()
     assert await wait_for_exit(third) == -9
     unfinished_at_kill = sum(end_offsets.values()) - sum((await rows.positions()).values())
-    # W4 stands in for the killed worker coming back.
+    # W4 is the killed worker started again, under a new name in the effect rows.
     fourth = deployment.start("W4", hooks=hooks, settings=settings)
 
     deadline = time.monotonic() + 90

@@ -25,7 +25,7 @@ class Order(pydantic.BaseModel):
 class LedgerHandler(Handler[Order]):
     """Writes one ledger entry per order, keyed by order id; fails the first `failures[order_id]` calls."""
 
-    topics = ["kit-orders"]
+    topics = ("kit-orders",)
     group_id = "kit-ledger"
     payload_model = Order
     migrations = MIGRATIONS
