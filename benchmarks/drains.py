@@ -2,7 +2,7 @@
 
 Both join a fresh consumer group and read the topic from the start. Timing
 starts when the first fetch returns records, so the group join (Tansu 0.6
-answers a new group's first JoinGroup only after half the session timeout)
+responds to a new group's first JoinGroup only after half the session timeout)
 is left out, as it is for the framework.
 """
 
@@ -26,7 +26,7 @@ __all__ = ["Drained", "baseline", "group_consumer", "raw_drain"]
 # Records one fetch returns, as the worker's default kafka.fetch_max_records.
 MAX_RECORDS = 500
 POLL_TIMEOUT_MS = 200
-# The smallest session timeout Kafka accepts by default; it keeps Tansu's join delay at 3 s.
+# The smallest session timeout Kafka accepts by default, which keeps Tansu's join delay at 3 s.
 SESSION_TIMEOUT_MS = 6_000
 RUN_TIMEOUT_S = 600.0
 

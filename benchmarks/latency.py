@@ -2,11 +2,11 @@
 
 A `benchmarks.paced` subprocess produces to a fresh topic once the system
 under test has joined its group. For the framework, a trigger on the
-positions table sends each new position with NOTIFY, which PostgreSQL
-delivers when the batch transaction commits; the harness stamps each
-notification on arrival. The baseline stamps its own commits. A record's
-latency is the first commit time of its partition whose next offset is
-past the record, minus the time the producer sent it.
+positions table sends each new position with NOTIFY. PostgreSQL delivers a
+notification when the transaction that sent it commits, so the harness
+stamps each one on arrival as the commit time. The baseline stamps its own
+commits. A record's latency is the first commit time of its partition whose
+next offset is past the record, minus the time the producer sent it.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class ProcessRun:
-    """What a set of worker processes did with one topic."""
+    """Outcome of a set of worker processes draining one topic."""
 
     workers: int
     # Messages applied and seconds from the last assignment (a stable group) to the end.

@@ -56,6 +56,8 @@ def keys_summary(runs: dict[str, list[dict[str, Any]]], topics: dict[int, Topic]
             "ordering": ordering,
             "distinct_keys": int(keys),
             "partitions_used": len(topic.end_offsets),
+            # With one handler call at a time per partition, the largest partition sets the drain time.
+            "largest_partition": max(topic.end_offsets.values()),
             "median_rate": round(_median(system_runs, "rate"), 1),
             "runs": system_runs,
         }
@@ -184,12 +186,14 @@ def _keys_table(summary: dict[str, Any]) -> list[str]:
             row["ordering"],
             row["distinct_keys"],
             row["partitions_used"],
+            row["largest_partition"],
             f"{row['median_rate']:,}",
             ", ".join(f"{run['rate']:,}" for run in row["runs"]),
         ]
         for row in summary["runs"].values()
     ]
-    return _table(["ordering", "distinct keys", "partitions used", "msg/s (median)", "per run"], rows)
+    headers = ["ordering", "distinct keys", "partitions used", "largest partition", "msg/s (median)", "per run"]
+    return _table(headers, rows)
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:

@@ -1,10 +1,10 @@
 """Run the benchmark suite and write its results: ``python -m benchmarks.run``.
 
-Starts a Tansu broker on a free port of 127.0.0.1, creates a database
-``consumer_bench_<hex>`` on the server of ``--database-url``, produces each
-topic once, runs every system ``--repeat`` times in turn (so a slow moment
-of the machine hits all of them alike), then drops the database and stops
-the broker. Results go to ``benchmarks/results/<date>.json`` and the tables
+Starts a Tansu broker on a free port of 127.0.0.1 and creates a database
+``consumer_bench_<hex>`` on the server of ``--database-url``. Each topic is
+produced once. Every system runs ``--repeat`` times, the systems taking
+turns, so a slow moment of the machine hits all of them alike. At the end
+the database is dropped and the broker stopped. Results go to ``benchmarks/results/<date>.json`` and the tables
 to stdout.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import shlex
 import sys
@@ -292,9 +293,10 @@ async def _machine(database_url: str) -> dict[str, Any]:
         await connection.close()
     cpuinfo = await anyio.Path("/proc/cpuinfo").read_text()
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    import os
+    commit = await anyio.run_process(["git", "rev-parse", "HEAD"], cwd=RESULTS_DIR, check=False)
 
     return {
+        "commit": commit.stdout.decode().strip(),
         "cpus": os.cpu_count(),
         "cpu_model": models[0] if models else platform.processor(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),

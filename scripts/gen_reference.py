@@ -154,7 +154,9 @@ def render_cli() -> str:
             lines += [_escape_text(help_text), ""]
         lines += ["```text", _synopsis(path, command), "```", ""]
         lines += _argument_tables(command)
-    return "\n".join(lines).rstrip("\n") + "\n"
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    # Each table ends with a blank line, and each heading starts with one.
+    return text.replace("\n\n\n", "\n\n")
 
 
 def _exit_codes() -> str:
@@ -207,7 +209,7 @@ def _argument_tables(parser: argparse.ArgumentParser) -> list[str]:
     if positionals:
         lines += ["| Argument | Description |", "| --- | --- |"]
         for action in positionals:
-            lines.append(f"| `{action.metavar or action.dest.upper()}` | {_escape(_help(action))} |")
+            lines.append(f"| `{action.metavar or action.dest.upper()}` | {_escape(action.help or '')} |")
         lines.append("")
     if options:
         lines += ["| Option | Value | Description |", "| --- | --- | --- |"]
@@ -252,7 +254,8 @@ def _escape(text: str) -> str:
 
 
 def _escape_text(text: str) -> str:
-    return text.replace("<", "&lt;").replace(">", "&gt;")
+    """Keep a `<` in help text from opening an HTML tag."""
+    return text.replace("<", "&lt;")
 
 
 def _rst_to_markdown(text: str) -> str:

@@ -49,7 +49,7 @@ HeadersLike = Mapping[str, str | bytes | None] | Sequence[tuple[str, str | bytes
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """What one delivery did, summed over the transactions it took."""
+    """Counts of one delivery, summed over the transactions it took."""
 
     messages: tuple[RawMessage, ...]
     outcomes: tuple[BatchOutcome, ...]
@@ -124,9 +124,12 @@ class InboxHarness:
         handler_class.validate_declaration()
         self.handler: Handler[Any] = handler_class() if isinstance(handler, type) else handler
         self.dsn = dsn
+
         self.topic = topic or handler_class.topics[0]
         self.group_id = group_id or handler_class.group_id
         self.dedup_scope = dedup_scope or handler_class.dedup_scope or self.group_id
+
+        # The retry count of the handler or the caller, without the backoff.
         base_policy = handler_class.retry or RetryPolicy()
         self.policy = dataclasses.replace(
             base_policy,
@@ -134,6 +137,7 @@ class InboxHarness:
             initial_backoff_s=0.0,
             max_backoff_s=0.0,
         )
+
         self.state = InboxState(dsn, self.dedup_scope, schema=schema)
         self._side_queries = db.load_queries("side_effects.sql", schema)
         self.spec = BatchSpec(
@@ -146,6 +150,7 @@ class InboxHarness:
             side_effects=self._side_effects,
             side_queries=self._side_queries,
         )
+
         self._next_offsets: dict[tuple[str, int], int] = defaultdict(int)
         # Failed attempts per partition, kept between deliveries as a
         # partition processor keeps them between batches.
@@ -313,9 +318,9 @@ class InboxHarness:
 
         Checks its dedup record, that it was not dead-lettered, and that the
         stored position is past every delivered copy. `effects` counts the
-        handler's own effects for the key: a SQL query with the key as $1, or
-        a coroutine function ``(connection, key) -> int``; the count must
-        equal `expected_effects`.
+        handler's own effects for the key, and the count must equal
+        `expected_effects`. It is a SQL query with the key as $1, or a
+        coroutine function ``(connection, key) -> int``.
         """
         if isinstance(message, RawMessage):
             built = build_message(self.handler, message)

@@ -4,8 +4,9 @@ A `WorkerScenario` owns one topic, one database and one dedup scope. Its
 helpers produce records, run workers in the test's event loop, and inject:
 
 - `crash_after_commit`: a worker applies everything and commits it to
-  PostgreSQL, then stops abruptly before it copies the positions to Kafka
-  (its Kafka commit interval is an hour); a second worker takes over;
+  PostgreSQL. It then stops abruptly before it copies the positions to
+  Kafka, because its Kafka commit interval is an hour, and a second worker
+  takes over;
 - `run_two_deployments`: two workers in two consumer groups with one dedup
   scope read the same partitions at the same time, as two deployments of
   one service do by mistake;
@@ -47,9 +48,9 @@ TEST_WORKER_SETTINGS: dict[str, Any] = {
     "kafka_commit_interval_s": 3600.0,
     "shutdown_timeout_s": 10.0,
 }
-# NOTE: Tansu 0.6 answers the first JoinGroup of a new group after half the
-# session timeout; 6 s is the smallest session timeout Kafka accepts by
-# default (group.min.session.timeout.ms), which keeps joins short on both.
+# NOTE: Tansu 0.6 responds to the first JoinGroup of a new group after half
+# the session timeout. 6 s is the smallest session timeout Kafka accepts by
+# default (group.min.session.timeout.ms), so joins stay short on both.
 TEST_KAFKA_SETTINGS: dict[str, Any] = {"session_timeout_s": 6.0, "heartbeat_interval_s": 1.0}
 
 _JOIN_TIMEOUT_S = 60.0
@@ -69,7 +70,7 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class CrashReport:
-    """What `crash_after_commit` observed around the crash."""
+    """Positions, Kafka offsets and worker counters observed by `crash_after_commit`."""
 
     # Positions stored in PostgreSQL when the first worker was stopped.
     stored: dict[int, int]
@@ -174,7 +175,7 @@ class WorkerScenario:
         """Wait until the stored positions are past every produced record, and each of `workers` settled them all.
 
         A worker has settled a record when it applied, skipped or
-        dead-lettered it; a worker that joined after the positions moved on
+        dead-lettered it. A worker that joined after the positions moved on
         fetches less, so pass only workers that read from the start.
         """
         ends: dict[int, int] = {}

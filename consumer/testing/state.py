@@ -43,8 +43,8 @@ def idempotency_key_of(handler: Handler[Any], raw: RawMessage) -> str | None:
     try:
         return build_message(handler, raw).idempotency_key
     except Exception:
-        # Bad input, or a bug in the handler's decode or key function: the
-        # record has no key, and the test sees the dead letter instead.
+        # Bad input, or a bug in the handler's decode or key function, leaves
+        # the record without a key; its dead letter shows the error instead.
         return None
 
 

@@ -1,8 +1,8 @@
 """The kit's pytest fixtures, on the suite's own broker and PostgreSQL.
 
-The fixtures are imported here so these tests run whether or not the
-``consumer`` pytest11 entry point is installed; when it is, these
-definitions take precedence for this folder. ``consumer_broker`` and
+The fixtures are imported here so that these tests run even when the
+``consumer`` pytest11 entry point is not installed. When it is, these
+definitions take precedence in this folder. ``consumer_broker`` and
 ``consumer_postgres`` are overridden to reuse the servers of
 tests/conftest.py instead of starting a second pair.
 """
