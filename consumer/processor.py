@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from consumer import inbox, retry
+from consumer import errors, inbox, retry
 from consumer.inbox import AttemptRecord, BatchOutcome, BatchSpec, RetryWithSavepoints
 from consumer.message import RawMessage
 from consumer.metrics import Metrics
@@ -219,7 +219,14 @@ class PartitionProcessor:
                 await self._back_off_after_failure(outcome.stopped_at, outcome.failure)
 
     async def _transaction(self, batch: list[RawMessage], *, savepoints: bool) -> BatchOutcome:
-        connection = await self._pool.acquire(timeout=_ACQUIRE_TIMEOUT_S)
+        try:
+            connection = await self._pool.acquire(timeout=_ACQUIRE_TIMEOUT_S)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            # Whatever keeps a connection from opening (a restart, a database
+            # closed to connections, too many clients) is retried, never fatal.
+            raise errors.InfrastructureError(
+                f"cannot get a PostgreSQL connection: {type(exc).__name__}: {exc}"
+            ) from exc
         clean = False
         started = time.perf_counter()
         try:

@@ -77,6 +77,16 @@ def classify(exc: BaseException, policy: RetryPolicy) -> ErrorClass:
     return ErrorClass.RETRIABLE
 
 
+def is_side_task_recoverable(exc: BaseException) -> bool:
+    """Return True for errors a periodic side task (pruning, gauges, position checks) waits out.
+
+    Any PostgreSQL error counts, besides infrastructure errors: a database
+    that refuses connections for a while must not stop the worker through a
+    task that merely counts rows.
+    """
+    return is_infrastructure(exc) or isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError)
+
+
 def is_infrastructure(exc: BaseException) -> bool:
     """Return True for connection losses and transient PostgreSQL errors."""
     if isinstance(exc, errors.InfrastructureError):

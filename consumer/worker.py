@@ -357,7 +357,7 @@ class Worker:
             try:
                 await self._check_idle_positions()
             except Exception as exc:
-                if not retry.is_infrastructure(exc):
+                if not retry.is_side_task_recoverable(exc):
                     raise
                 logger.warning(
                     "position check failed, retrying at the next interval: %s: %s",
@@ -424,7 +424,7 @@ class Worker:
                     batch_size=worker_settings.prune_batch_size,
                 )
             except Exception as exc:
-                if not retry.is_infrastructure(exc):
+                if not retry.is_side_task_recoverable(exc):
                     raise
                 logger.warning(
                     "pruning failed, retrying at the next interval: %s: %s",
@@ -455,7 +455,7 @@ class Worker:
             inbox_rows = await pool.fetchval(inbox_queries.inbox_rows, self.dedup_scope)
             backlog = await pool.fetchval(side_queries.outbox_backlog, self.dedup_scope)
         except Exception as exc:
-            if not retry.is_infrastructure(exc):
+            if not retry.is_side_task_recoverable(exc):
                 raise
             return
         self.metrics.inbox_rows.labels(self.group_id).set(inbox_rows)
@@ -516,7 +516,7 @@ class Worker:
             try:
                 rows = await self._pool.fetch(self._spec.queries.read_positions, self.dedup_scope, self.topics)
             except Exception as exc:
-                if not retry.is_infrastructure(exc) or attempt == _POSITION_READ_ATTEMPTS:
+                if not retry.is_side_task_recoverable(exc) or attempt == _POSITION_READ_ATTEMPTS:
                     raise
                 await anyio.sleep(0.5 * attempt)
                 continue
