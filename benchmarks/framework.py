@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+from pydantic import SecretStr
 
 from benchmarks.database import SCHEMA
 from benchmarks.drains import SESSION_TIMEOUT_MS
@@ -57,7 +58,7 @@ def settings_for(bootstrap_servers: str, database_url: str, topic: str, group_id
             session_timeout_s=SESSION_TIMEOUT_MS / 1000,
             heartbeat_interval_s=SESSION_TIMEOUT_MS / 3000,
         ),
-        postgres=PostgresSettings(dsn=database_url, schema=SCHEMA, application_name="bench-worker"),
+        postgres=PostgresSettings(dsn=SecretStr(database_url), schema=SCHEMA, application_name="bench-worker"),
         worker=WorkerSettings(),
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import anyio
 
@@ -79,7 +79,7 @@ class BatchPositionalHandler(KeyedBatchHandler):
 class SleepHandler(KeyedHandler):
     """I/O-bound handler: awaits `SLEEP_S`, then writes the effect row; key-ordered."""
 
-    ordering = "key"
+    ordering: ClassVar[Literal["partition", "key", "none"]] = "key"
 
     async def handle(self, message: Message[dict[str, Any]], context: Context) -> None:
         await anyio.sleep(SLEEP_S)

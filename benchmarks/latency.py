@@ -128,7 +128,7 @@ async def _produce(bootstrap_servers: str, topic: Topic, rate: float, seconds: f
         if process.returncode != 0:
             raise RuntimeError(f"paced producer failed with {process.returncode}: {process.stderr.decode()[-2000:]}")
         text = await anyio.Path(path).read_text()
-        return [tuple(json.loads(line)) for line in text.splitlines()]  # type: ignore[misc]
+        return [tuple(json.loads(line)) for line in text.splitlines()]
     finally:
         await anyio.Path(path).unlink(missing_ok=True)
 

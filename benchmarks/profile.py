@@ -1,4 +1,4 @@
-"""Where a framework mode spends its time: ``python -m benchmarks.profile --mode framework_batch``.
+"""Time and statement profile of the framework modes: ``python -m benchmarks.profile --mode framework_batch``.
 
 Drains the main topic once with each reference loop and once with each
 chosen mode. For each run it prints the statements sent to PostgreSQL per
@@ -91,7 +91,13 @@ def _backend_pids(database: str) -> list[int]:
 
 
 async def measure(
-    name: str, run: Callable[[], Awaitable[Any]], database: BenchDatabase, broker_pid: int, *, profile: bool
+    name: str,
+    run: Callable[[], Awaitable[Any]],
+    database: BenchDatabase,
+    broker_pid: int,
+    *,
+    profile: bool,
+    dump_dir: Path | None = None,
 ) -> str:
     """Run `run` once and return a report of its statements and CPU time per message."""
     await database.reset()
@@ -139,8 +145,16 @@ async def measure(
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        if dump_dir is not None:
+            profiler.dump_stats(dump_dir / f"{name}.prof")
         lines += ["", "```", text.getvalue().strip(), "```"]
     return "\n".join(lines)
+
+
+def _worker_runner(
+    make_handler: Callable[[], Any], bootstrap: str, database_url: str, topic: stream.Topic
+) -> Callable[[], Awaitable[framework.FrameworkRun]]:
+    return lambda: framework.run_worker(make_handler(), bootstrap, database_url, topic)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -159,10 +173,12 @@ async def main(args: argparse.Namespace) -> None:
             ("baseline_per_message", lambda: drains.baseline(bootstrap, database.url, topic, executemany=False)),
         ]
         for mode in args.mode:
-            make_handler = modes[mode]
-            runs.append((mode, lambda make=make_handler: framework.run_worker(make(), bootstrap, database.url, topic)))
+            runs.append((mode, _worker_runner(modes[mode], bootstrap, database.url, topic)))
         for run_name, run in runs:
-            print(await measure(run_name, run, database, broker.pid, profile=args.cprofile), flush=True)
+            report = await measure(
+                run_name, run, database, broker.pid, profile=args.cprofile, dump_dir=args.cprofile_dir
+            )
+            print(report, flush=True)
             print(flush=True)
     finally:
         await database.drop()
@@ -182,6 +198,9 @@ def cli() -> None:
     parser.add_argument("--duplicates", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cprofile", action="store_true", help="Also print the top functions by own CPU time.")
+    parser.add_argument(
+        "--cprofile-dir", type=Path, help="Also write each run's profile there as NAME.prof, for pstats or snakeviz."
+    )
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
     args.mode = args.mode or [name for name, _, _ in FRAMEWORK_MODES]

@@ -40,6 +40,7 @@ FRAMEWORK_MODES: list[tuple[str, Callable[[], Any], str]] = [
     ("framework_keyed", handlers.KeyedHandler, "(c) per-message handler, Idempotency-Key header"),
     ("framework_batch_keyed", handlers.KeyedBatchHandler, "batch handler (executemany), Idempotency-Key header"),
 ]
+KEYED_MODES = {"framework_keyed", "framework_batch_keyed"}
 REFERENCE_SYSTEMS = {
     "raw_drain": "raw aiokafka drain, no database (the ceiling)",
     "baseline": "at-least-once loop, executemany per fetch of up to 500",
@@ -146,10 +147,19 @@ async def _throughput(context: _Context) -> dict[str, Any]:
             row = {"rate": round(result.rate), "seconds": round(result.seconds, 3), **_extra(result)}
             if name != "raw_drain":
                 row["effect_rows"] = await database.count_effects()
+                _check_effects(name, row["effect_rows"], topic, context.args)
             runs[name].append(row)
             _log(f"throughput {repeat + 1}/{context.args.repeat} {name}: {row}")
     descriptions = REFERENCE_SYSTEMS | {name: text for name, _, text in FRAMEWORK_MODES}
     return report.throughput_summary(runs, descriptions, topic)
+
+
+def _check_effects(name: str, effect_rows: int, topic: stream.Topic, args: argparse.Namespace) -> None:
+    """Raise when a run wrote another number of effect rows than its dedup allows."""
+    # Keyed modes skip the copies; every other system writes a row per message.
+    copies = int(args.messages * args.duplicates) if name in KEYED_MODES else 0
+    if effect_rows != topic.messages - copies:
+        raise RuntimeError(f"{name} wrote {effect_rows} effect rows; expected {topic.messages - copies}")
 
 
 def _worker_runner(

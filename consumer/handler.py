@@ -59,6 +59,9 @@ class Context:
     # The message of a per-message call; None in a batch call, where the
     # methods below take the message as an argument.
     message: Message[Any] | None = None
+    # Builds the step and outbox helper on first use, so a handler that uses
+    # neither pays nothing for it.
+    side_effects_factory: Callable[[], SideEffects] | None = None
     side_effects: SideEffects | None = None
 
     def idempotency_key(self, name: str, message: Message[Any] | None = None) -> str:
@@ -101,6 +104,8 @@ class Context:
         return chosen
 
     def _side(self) -> SideEffects:
+        if self.side_effects is None and self.side_effects_factory is not None:
+            self.side_effects = self.side_effects_factory()
         if self.side_effects is None:
             raise errors.ConsumerError("steps and publishing need a worker; this context has none")
         return self.side_effects
@@ -272,8 +277,10 @@ class BatchHandler(Handler[PayloadT]):
 def build_message(handler: Handler[Any], raw: RawMessage) -> Message[Any]:
     """Decode `raw` and derive its idempotency key; raise `errors.DecodeError` on bad input."""
     payload = handler.decode(raw)
-    provisional = decoded_as(raw, payload, None)
-    key = handler.idempotency_key(provisional)
+    message = decoded_as(raw, payload, None)
+    key = handler.idempotency_key(message)
+    if key is None:
+        return message
     if key is not None:
         if not isinstance(key, str) or not key:
             raise errors.DecodeError(

@@ -147,6 +147,11 @@ class BatchSpec:
     # Queries of side_effects.sql, for publishing dead letters to a topic.
     side_queries: Any = None
 
+    @property
+    def handler_logger(self) -> logging.Logger:
+        """The logger handed to handlers: their module's."""
+        return logging.getLogger(type(self.handler).__module__)
+
 
 @dataclass(slots=True)
 class BatchOutcome:
@@ -326,7 +331,9 @@ def _decode(handler: Handler[Any], items: list[_Item]) -> None:
             continue
         try:
             item.message = build_message(handler, item.raw)
-            item.fingerprint = handler.fingerprint(item.message)
+            if item.message.keyed:
+                # Only keyed messages are compared: a position is never reused.
+                item.fingerprint = handler.fingerprint(item.message)
         except errors.DecodeError as exc:
             item.decode_error = exc
         except Exception as exc:
@@ -754,9 +761,9 @@ def _context(
         group_id=spec.group_id,
         dedup_scope=spec.dedup_scope,
         attempt=attempt,
-        logger=logging.getLogger(type(spec.handler).__module__),
+        logger=spec.handler_logger,
         message=message,
-        side_effects=spec.side_effects() if spec.side_effects is not None else None,
+        side_effects_factory=spec.side_effects,
     )
 
 

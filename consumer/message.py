@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 __all__ = ["Header", "Message", "RawMessage", "position_key"]
@@ -59,8 +59,17 @@ class Message(Generic[PayloadT]):
 
     raw: RawMessage
     payload: PayloadT
-    idempotency_key: str
-    keyed: bool = field(default=True)
+    # None until a key is derived; the position then stands in for it.
+    own_key: str | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        return self.own_key if self.own_key is not None else self.raw.position
+
+    @property
+    def keyed(self) -> bool:
+        """True when the message has a key of its own, so it is deduplicated by key, not only by position."""
+        return self.own_key is not None
 
     @property
     def topic(self) -> str:
@@ -97,6 +106,4 @@ class Message(Generic[PayloadT]):
 
 def decoded_as(raw: RawMessage, payload: Any, key: str | None) -> Message[Any]:
     """Build a `Message`, falling back to the position when `key` is None."""
-    if key is None:
-        return Message(raw=raw, payload=payload, idempotency_key=raw.position, keyed=False)
-    return Message(raw=raw, payload=payload, idempotency_key=key, keyed=True)
+    return Message(raw=raw, payload=payload, own_key=key)

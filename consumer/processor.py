@@ -158,7 +158,7 @@ class PartitionProcessor:
                         await self._wakeup.wait()
                         continue
                     batch = [self._pending.popleft() for _ in range(min(self._max_batch_size, len(self._pending)))]
-                    self._pending_bytes -= sum(_size(record) for record in batch)
+                    self._pending_bytes = sum(_size(record) for record in self._pending) if self._pending else 0
                     self._busy = True
                     try:
                         await self._apply(batch)

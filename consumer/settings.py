@@ -105,7 +105,7 @@ class KafkaSettings(BaseModel):
         default=300.0, gt=0, description="Maximum time between two polls before the member is evicted, in seconds."
     )
     request_timeout_s: float = Field(default=40.0, gt=0, description="Broker request timeout, in seconds.")
-    fetch_max_records: int = Field(default=500, ge=1, description="Maximum records returned by one poll.")
+    fetch_max_records: int = Field(default=2000, ge=1, description="Maximum records returned by one poll.")
     isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
         default="read_committed",
         description="read_committed hides messages of aborted producer transactions.",

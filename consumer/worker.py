@@ -66,6 +66,7 @@ class Worker:
         )
         self.stats = Stats()
         self.metrics = Metrics(self.group_id)
+        self._handler_histograms: dict[str, Any] = {}
         self._processors: dict[TopicPartition, PartitionProcessor] = {}
         self._mirror: dict[TopicPartition, int] = {}
         # One Kafka commit at a time: the final commit of a shutdown waits
@@ -243,7 +244,10 @@ class Worker:
             )
 
     def _observe_handler(self, topic: str, duration_s: float) -> None:
-        self.metrics.handler_duration.labels(self.group_id, topic).observe(duration_s)
+        histogram = self._handler_histograms.get(topic)
+        if histogram is None:
+            histogram = self._handler_histograms[topic] = self.metrics.handler_duration.labels(self.group_id, topic)
+        histogram.observe(duration_s)
 
     def _fail(self, exc: BaseException) -> None:
         if self._fatal is None:
@@ -650,6 +654,6 @@ def _raw(record: ConsumerRecord[bytes, bytes]) -> RawMessage:
         offset=record.offset,
         key=record.key,
         value=record.value,
-        headers=tuple((name, value) for name, value in record.headers),
+        headers=tuple(record.headers),
         timestamp_ms=record.timestamp,
     )

@@ -30,7 +30,7 @@ from tests.chaos.faults import Injector
 from tests.chaos.stream import Stream
 from tests.support.process import REPO_ROOT
 
-__all__ = ["Report", "Violation", "check"]
+__all__ = ["Report", "Violation", "check", "revision"]
 
 # Examples listed per kind of violation; the count is always complete.
 _EXAMPLES = 10
@@ -84,18 +84,22 @@ class Report:
     logs: LogSummary = field(default_factory=LogSummary)
     wall_s: float = 0.0
     log_dir: Path | None = None
-    # Commit of the code under test, with "-dirty" when the work tree had changes.
+    # Commit of the code under test when the run started and when it ended,
+    # with "-dirty" when the work tree had changes. Every worker start loads
+    # the code on disk, so the two differ when the code changed meanwhile.
+    revision_at_start: str = ""
     revision: str = ""
 
     @property
     def injected(self) -> int:
         return sum(self.faults.values()) + sum(self.handler_faults.values())
 
-    def finish(self, cluster: Cluster, *, wall_s: float, log_dir: Path) -> None:
+    def finish(self, cluster: Cluster, *, wall_s: float, log_dir: Path, revision_at_start: str) -> None:
         """Add what is known only after the workers stopped: exit codes and their logs."""
         self.wall_s = wall_s
         self.log_dir = log_dir
-        self.revision = _revision()
+        self.revision_at_start = revision_at_start
+        self.revision = revision()
         self.logs = cluster.scan_logs()
         for incarnation, code in self.exit_codes.items():
             if code != 0:
@@ -105,8 +109,11 @@ class Report:
 
     def table(self) -> str:
         """Format the report as the text table printed after a run."""
+        code = self.revision
+        if self.revision_at_start != self.revision:
+            code = f"{self.revision_at_start} at the start, {self.revision} at the end"
         lines = [
-            f"chaos run: seed {self.seed}, wall time {self.wall_s:.0f}s, code {self.revision}",
+            f"chaos run: seed {self.seed}, wall time {self.wall_s:.0f}s, code {code}",
             f"log folder {self.log_dir}",
         ]
         lines += _section("faults injected", [*self.faults.items(), *self.handler_faults.items()])
@@ -161,7 +168,8 @@ class Report:
         return "\n".join(lines)
 
 
-def _revision() -> str:
+def revision() -> str:
+    """Return the commit of the work tree, with "-dirty" when it has uncommitted changes."""
     result = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
     )

@@ -64,6 +64,7 @@ class ChaosConfig:
 async def run(config: ChaosConfig, *, bootstrap: str, database_url: str, topic: str, log_dir: Path) -> checker.Report:
     """Run the chaos scenario of `config` against `topic` and return the checked report."""
     started = time.monotonic()
+    revision_at_start = checker.revision()
     log_dir.mkdir(parents=True, exist_ok=True)
     # Separate generators keep the stream the same when only the fault settings change.
     stream = plan_stream(random.Random(f"stream-{config.seed}"), config.shape())
@@ -96,7 +97,7 @@ async def run(config: ChaosConfig, *, bootstrap: str, database_url: str, topic: 
         events.add(f"workers stopped: {report.exit_codes}")
     finally:
         cluster.close()
-    report.finish(cluster, wall_s=time.monotonic() - started, log_dir=log_dir)
+    report.finish(cluster, wall_s=time.monotonic() - started, log_dir=log_dir, revision_at_start=revision_at_start)
     (log_dir / "report.txt").write_text(report.table())
     return report
 

@@ -1,6 +1,6 @@
 """A short seeded chaos run: every message is applied once despite kills, zombies, lost connections and a replay.
 
-The run takes about 100 s: a 60 s fault window with 2,000 logical messages
+The run takes 80 to 100 s: a 60 s fault window with 2,000 logical messages
 published over its first 48 s, then the drain. ``CONSUMER_TEST_CHAOS_SEED``
 replaces the seed, to repeat a failing run or to try others.
 """
