@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--partitions", type=int, default=4, help="Partitions of the demo topic (default 4).")
     demo.add_argument("--seed", type=int, default=7, help="Seed of the duplicate injection (default 7).")
     demo.add_argument("--no-crash", action="store_true", help="Do not SIGKILL the worker part-way through.")
+    demo.add_argument(
+        "--poison",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Also publish N broken events (no entity field), which end as dead letters (default 0).",
+    )
     demo.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="Give up after this long.")
     _add_common(demo)
 

@@ -84,6 +84,7 @@ class DemoInput:
 class Published:
     total: int = 0
     injected_copies: int = 0
+    poison: int = 0
     end_offsets: dict[int, int] = field(default_factory=dict)
 
 
@@ -128,7 +129,9 @@ async def _run(args: argparse.Namespace, settings: Settings, dsn: str, demo_inpu
     await _create_topic(settings, topic, args.partitions)
 
     _say(f"publishing {len(demo_input.lines)} events from {input_path.name} to {topic}, each 1 to 3 times")
-    published = await _publish(settings, topic, args.partitions, demo_input, random.Random(args.seed))
+    if args.poison < 0:
+        raise errors.ConfigurationError(f"--poison {args.poison} is invalid; use 0 or more")
+    published = await _publish(settings, topic, args.partitions, demo_input, random.Random(args.seed), args.poison)
     _say(f"published {published.total} messages ({published.injected_copies} injected copies)")
 
     env = _worker_env(settings, dsn, topic, group_id)
@@ -188,9 +191,14 @@ async def _create_topic(settings: Settings, topic: str, partitions: int) -> None
 
 
 async def _publish(
-    settings: Settings, topic: str, partitions: int, demo_input: DemoInput, rng: random.Random
+    settings: Settings, topic: str, partitions: int, demo_input: DemoInput, rng: random.Random, poison: int = 0
 ) -> Published:
-    """Send each event one to three times, each copy to a random partition; record the end offsets."""
+    """Send each event one to three times, each copy to a random partition; record the end offsets.
+
+    `poison` broken events follow: copies of random events without their
+    ``entity`` field and with an event id of their own, as a producer bug
+    would send them. The handler fails on them, so they end as dead letters.
+    """
     # NOTE: idempotent producing is off because the embedded broker does not
     # implement InitProducerId; copies are what the demo wants anyway.
     producer = kafka.producer(settings.kafka, enable_idempotence=False, linger_ms=5)
@@ -204,6 +212,13 @@ async def _publish(
             for _ in range(copies):
                 future = await producer.send(topic, line, key=entity_id.encode(), partition=rng.randrange(partitions))
                 futures.append(future)
+        for number in range(poison):
+            event = json.loads(rng.choice(demo_input.lines))
+            event["event_id"] = f"{event['event_id']}#broken-{number}"
+            entity_id = event.pop("entity")["id"]
+            broken = json.dumps(event).encode()
+            futures.append(await producer.send(topic, broken, key=entity_id.encode(), partition=rng.randrange(partitions)))
+            published.poison += 1
         for metadata in await asyncio.gather(*futures):
             end = published.end_offsets.get(metadata.partition, 0)
             published.end_offsets[metadata.partition] = max(end, metadata.offset + 1)
@@ -313,14 +328,17 @@ def _report(
     exit_code: int,
 ) -> int:
     natural = len(demo_input.lines) - summary["unique_events"]
-    expected_duplicates = published.total - summary["unique_events"]
+    expected_duplicates = published.total - published.poison - summary["unique_events"]
     checks = [
         ("effects equal the unique events", summary["effects"] == summary["unique_events"]),
         ("no event applied twice", summary["events_applied_twice"] == 0),
         ("duplicates skipped equal the copies", summary["key_duplicates"] == expected_duplicates),
         ("one row per quake", summary["quake_rows"] == summary["unique_quakes"]),
         ("every quake at its newest version", summary["stale_rows"] == 0),
-        ("no dead letters", summary["dead_letters"] == 0),
+        (
+            "dead letters equal the broken events" if published.poison else "no dead letters",
+            summary["dead_letters"] == published.poison,
+        ),
         ("worker stopped cleanly on SIGTERM", exit_code == 0),
     ]
     rows = [
@@ -328,6 +346,7 @@ def _report(
         ("  events in the input", len(demo_input.lines)),
         ("  redeliveries already in the feed", natural),
         ("  copies injected by the demo", published.injected_copies),
+        ("  broken events injected by the demo", published.poison),
         ("unique events (idempotency keys)", summary["unique_events"]),
         ("duplicates skipped (same key)", summary["key_duplicates"]),
         ("duplicates skipped (same position)", summary["position_duplicates"]),
@@ -345,6 +364,11 @@ def _report(
     print("-" * 72)
     for label, passed in checks:
         print(f"{'OK  ' if passed else 'FAIL'} {label}")
+    if published.poison:
+        print(
+            f"\ninspect the dead letters with: consumer dead-letters list --schema {DEMO_SCHEMA} --database-url URL"
+            "\n(the embedded database is deleted when the demo ends; pass --database-url to keep it)"
+        )
     return 0 if all(passed for _, passed in checks) else 1
 
 
