@@ -217,7 +217,8 @@ async def _publish(
             event["event_id"] = f"{event['event_id']}#broken-{number}"
             entity_id = event.pop("entity")["id"]
             broken = json.dumps(event).encode()
-            futures.append(await producer.send(topic, broken, key=entity_id.encode(), partition=rng.randrange(partitions)))
+            partition = rng.randrange(partitions)
+            futures.append(await producer.send(topic, broken, key=entity_id.encode(), partition=partition))
             published.poison += 1
         for metadata in await asyncio.gather(*futures):
             end = published.end_offsets.get(metadata.partition, 0)
