@@ -62,7 +62,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from consumer import concurrency, dead_letters, errors
+from consumer import concurrency, dead_letters, errors, tracing
 from consumer.dead_letters import DeadLetterWriteError, ParkedKeys
 from consumer.handler import BatchHandler, Context, Handler, build_message
 from consumer.message import Message, RawMessage
@@ -530,7 +530,7 @@ async def _run_whole_batch(
     try:
         outcome.handler_calls += 1
         timeout = anyio.fail_after(spec.handler_timeout_s) if spec.handler_timeout_s else contextlib.nullcontext()
-        with timeout:
+        with tracing.handler_span(spec, messages, attempt=context.attempt), timeout:
             await handler.handle_batch(messages, context)
     except Exception as exc:
         _raise_if_connection_lost(connection, exc)
@@ -609,11 +609,12 @@ async def _attempt(
 async def _call_handler(spec: BatchSpec, message: Message[Any], context: Context) -> None:
     started = time.perf_counter()
     try:
-        if spec.handler_timeout_s is None:
-            await spec.handler.handle(message, context)
-        else:
-            with anyio.fail_after(spec.handler_timeout_s):
+        with tracing.handler_span(spec, [message], attempt=context.attempt):
+            if spec.handler_timeout_s is None:
                 await spec.handler.handle(message, context)
+            else:
+                with anyio.fail_after(spec.handler_timeout_s):
+                    await spec.handler.handle(message, context)
     finally:
         if spec.observe_handler is not None:
             spec.observe_handler(message.topic, time.perf_counter() - started)

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from consumer import errors, inbox, retry
+from consumer import errors, inbox, retry, tracing
 from consumer.inbox import AttemptRecord, BatchOutcome, BatchSpec, RetryWithSavepoints
 from consumer.message import RawMessage
 from consumer.metrics import Metrics
@@ -230,15 +230,17 @@ class PartitionProcessor:
         clean = False
         started = time.perf_counter()
         try:
-            outcome = await inbox.apply_batch(
-                connection,
-                self._spec,
-                batch,
-                self._attempts,
-                savepoints=savepoints,
-                should_stop=lambda: self._stop_requested,
-                expected_epoch=self._epoch,
-            )
+            with tracing.batch_span(self._spec, batch, savepoints=savepoints) as span:
+                outcome = await inbox.apply_batch(
+                    connection,
+                    self._spec,
+                    batch,
+                    self._attempts,
+                    savepoints=savepoints,
+                    should_stop=lambda: self._stop_requested,
+                    expected_epoch=self._epoch,
+                )
+                span.record(outcome)
             clean = True
             self._metrics.transaction_duration.labels(*self._labels).observe(time.perf_counter() - started)
             self._metrics.batch_size.labels(*self._labels).observe(len(batch))

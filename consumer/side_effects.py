@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 import pydantic
 
-from consumer import errors
+from consumer import errors, tracing
 from consumer.message import Header, Message
 
 __all__ = ["SideEffects", "derive_key", "encode_value"]
@@ -138,6 +138,7 @@ class SideEffects:
         outbound_key = derive_key(self.dedup_scope, message.idempotency_key, f"publish:{number}")
         all_headers = [header for header in headers or [] if header[0].lower() != IDEMPOTENCY_KEY_HEADER.lower()]
         all_headers.append((IDEMPOTENCY_KEY_HEADER, outbound_key.encode("ascii")))
+        tracing.add_trace_context(all_headers)
         await connection.execute(
             self.queries.insert_outbox,
             self.dedup_scope,

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from consumer import db, errors, health, kafka, outbox, retention, retry
+from consumer import db, errors, health, kafka, outbox, retention, retry, tracing
 from consumer.handler import Handler
 from consumer.inbox import BatchSpec
 from consumer.message import RawMessage
@@ -268,8 +268,10 @@ class Worker:
         bytes_limit = self.settings.worker.max_buffered_bytes
         with scope:
             while True:
+                poll_started_ns = time.time_ns()
                 fetched = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=max_records)
                 self.last_poll_at = time.monotonic()
+                tracing.record_poll(fetched, self.group_id, poll_started_ns)
                 for tp, records in fetched.items():
                     processor = self._processors.get(tp)
                     if processor is None:
