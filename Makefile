@@ -30,5 +30,13 @@ lint: $(VENV)/.test
 	$(BIN)/ruff check consumer examples
 	$(BIN)/mypy
 
+# A seeded chaos run against the suite's servers, bounded in time; see docs/chaos.md.
+chaos: $(VENV)/.test
+	$(BIN)/python -m tests.chaos --seed 7 --duration 120
+
+# The benchmark suite; writes benchmarks/results/ and prints the tables.
+bench: $(VENV)/.test
+	$(BIN)/python -m benchmarks.run
+
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

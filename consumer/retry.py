@@ -93,6 +93,12 @@ def is_infrastructure(exc: BaseException) -> bool:
         return True
     if isinstance(exc, asyncpg.PostgresConnectionError | ConnectionError):
         return True
+    if isinstance(exc, asyncpg.InternalClientError):
+        # asyncpg 0.32 raises it ("cannot switch to state ...; another
+        # operation is in progress") on the first statement after the server
+        # killed the backend, when it has read the FATAL message but not yet
+        # the closed socket.
+        return True
     if isinstance(exc, asyncpg.InterfaceError):
         # asyncpg detaches a pool connection whose socket was lost; every
         # later call on it says so in one of these words.

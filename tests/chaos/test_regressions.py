@@ -17,13 +17,6 @@ pytestmark = [pytest.mark.chaos, pytest.mark.anyio]
 ROUNDS = 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "retry.is_infrastructure does not count asyncpg's InternalClientError as a lost connection, "
-        "so a processor that meets it re-raises it and the worker exits with code 1"
-    ),
-)
 @pytest.mark.timeout(60)
 async def test_backend_terminated_between_statements_is_infrastructure(database_url: str) -> None:
     """A batch connection whose backend is killed between two statements must be retried, not end the worker.
