@@ -20,7 +20,7 @@ import anyio
 
 from consumer import cli_dead_letters, cli_operations, cli_replay, errors, logs, settings
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_UNAVAILABLE", "build_parser", "main", "main_entry"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_UNAVAILABLE", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # import or set-up: one line by default, the traceback with -v.
         detail = f"unexpected {type(exc).__name__}: {exc}" + ("" if verbose else " (run with -v for the traceback)")
         return _fail(errors.ConsumerError(detail), EXIT_FAILURE, verbose)
-
-
-def main_entry() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
 
 
 def _fail(exc: BaseException, code: int, verbose: bool) -> int:
