@@ -63,7 +63,7 @@ async def load_parked(
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """What is recorded about the attempts of a dead-lettered message."""
+    """Record of the attempts of a dead-lettered message."""
 
     reason: str
     attempts: int
@@ -162,7 +162,7 @@ async def park_key(connection: asyncpg.Connection, queries: Any, dedup_scope: st
 
 @dataclass(frozen=True, slots=True)
 class Filter:
-    """Which dead letters a command acts on; every field narrows the selection."""
+    """Selection of dead letters for a command. Every field narrows it."""
 
     ids: tuple[int, ...] = ()
     dedup_scope: str | None = None

@@ -76,7 +76,7 @@ class DemoInput:
             if entity_id not in newest or updated_at > newest[entity_id]:
                 newest[entity_id] = updated_at
         if not lines:
-            raise errors.ConfigurationError(f"{path} holds no events")
+            raise errors.ConfigurationError(f"{path} contains no events; pass a JSON Lines file of quake events")
         return cls(lines=lines, event_ids=event_ids, entity_ids=entity_ids, newest_version=newest)
 
 

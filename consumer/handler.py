@@ -44,7 +44,7 @@ MAX_KEY_LENGTH = 512
 
 @dataclass(slots=True)
 class Context:
-    """What a handler call gets besides its message.
+    """Per-call state handed to a handler besides its message.
 
     `connection` is inside the batch transaction: every statement run through
     it commits or rolls back together with the dedup record and the position.

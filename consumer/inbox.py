@@ -155,7 +155,7 @@ class BatchSpec:
 
 @dataclass(slots=True)
 class BatchOutcome:
-    """What one committed batch transaction did."""
+    """Counts and stop point of one committed batch transaction."""
 
     # Stored position after the commit: the offset of the next message to apply.
     next_offset: int
@@ -671,7 +671,7 @@ async def _park(
 
 
 async def _conflict(connection: asyncpg.Connection, spec: BatchSpec, item: _Item, outcome: BatchOutcome) -> None:
-    """Handle a key that arrived again with a different payload, as the handler's `on_key_conflict` says."""
+    """Handle a key that arrived again with a different payload, as the handler's `on_key_conflict` sets."""
     outcome.conflicts += 1
     key = _key(item)
     detail = (

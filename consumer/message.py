@@ -59,7 +59,7 @@ class Message(Generic[PayloadT]):
 
     raw: RawMessage
     payload: PayloadT
-    # None until a key is derived; the position then stands in for it.
+    # None until a key is derived. Without one, the position is used as the key.
     own_key: str | None = None
 
     @property

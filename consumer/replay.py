@@ -39,7 +39,7 @@ _READ_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where a replay moves the position: an offset, a time, the log start or the log end."""
+    """Target of a replay: an offset, a time, the log start or the log end."""
 
     kind: Literal["offset", "timestamp", "earliest", "end"]
     offset: int | None = None
@@ -48,7 +48,7 @@ class Target:
 
 @dataclass(slots=True)
 class PartitionPlan:
-    """What a replay of one partition would do, read from the broker and the database without writing."""
+    """Forecast of a replay of one partition, read from the broker and the database without writing."""
 
     partition: int
     current: int | None

@@ -134,7 +134,7 @@ class KafkaSettings(BaseModel):
 
 
 class PostgresSettings(BaseModel):
-    """Connection to the PostgreSQL database that holds effects, dedup records and positions."""
+    """Connection to the PostgreSQL database that stores effects, dedup records and positions."""
 
     dsn: SecretStr | None = Field(
         default=None,
@@ -143,7 +143,7 @@ class PostgresSettings(BaseModel):
     schema_name: str = Field(
         default="consumer",
         alias="schema",
-        description="Schema that holds the framework's tables.",
+        description="Schema that contains the framework's tables.",
     )
     pool_min_size: int = Field(default=1, ge=0, description="Connections kept open.")
     pool_max_size: int = Field(default=10, ge=1, description="Maximum connections in the pool.")
@@ -179,7 +179,7 @@ class PostgresSettings(BaseModel):
 
 
 class WorkerSettings(BaseModel):
-    """How the worker batches, retries and shuts down."""
+    """Batching, retry and shutdown settings of the worker."""
 
     max_batch_size: int = Field(default=500, ge=1, description="Maximum messages applied in one transaction.")
     poll_timeout_s: float = Field(default=0.2, gt=0, description="How long one poll waits for records, in seconds.")

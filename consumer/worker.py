@@ -261,7 +261,7 @@ class Worker:
         assert consumer is not None
         poll_timeout_ms = int(self.settings.worker.poll_timeout_s * 1000)
         max_records = self.settings.kafka.fetch_max_records
-        # A partition is paused while its backlog holds two batches, which
+        # A partition is paused while its backlog contains two batches, which
         # bounds memory and still lets the next batch be fetched during the
         # current one.
         backlog_limit = 2 * self.settings.worker.max_batch_size
@@ -345,7 +345,7 @@ class Worker:
             for tp, offset in offsets.items():
                 if tp in consumer.assignment():
                     self._mirror.setdefault(tp, offset)
-            # PostgreSQL already holds these positions; Kafka's copy only
+            # PostgreSQL already stores these positions; Kafka's copy only
             # feeds lag tools, so a lost partition's commit is simply dropped.
             self.stats.kafka_commit_failures += 1
             logger.info(
