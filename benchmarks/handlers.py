@@ -21,6 +21,8 @@ from consumer.message import Message
 
 __all__ = [
     "BatchPositionalHandler",
+    "DeferredKeyedHandler",
+    "DeferredPositionalHandler",
     "KeyedBatchHandler",
     "KeyedHandler",
     "PartitionSleepHandler",
@@ -50,6 +52,20 @@ class KeyedHandler(Handler[dict[str, Any]]):
 
     async def handle(self, message: Message[dict[str, Any]], context: Context) -> None:
         await context.connection.execute(EFFECT_INSERT, *_row(message))
+
+
+class DeferredKeyedHandler(KeyedHandler):
+    """Per-message handler that defers its INSERT: the framework sends the batch's rows in one executemany."""
+
+    async def handle(self, message: Message[dict[str, Any]], context: Context) -> None:
+        context.defer(EFFECT_INSERT, *_row(message))
+
+
+class DeferredPositionalHandler(DeferredKeyedHandler):
+    """`DeferredKeyedHandler` deduplicated by position only."""
+
+    def idempotency_key(self, message: Message[dict[str, Any]]) -> str | None:
+        return None
 
 
 class PositionalHandler(KeyedHandler):

@@ -204,6 +204,8 @@ def cli() -> None:
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
     args.mode = args.mode or [name for name, _, _ in FRAMEWORK_MODES]
+    if args.cprofile_dir is not None:
+        args.cprofile_dir.mkdir(parents=True, exist_ok=True)
     anyio.run(main, args, backend="asyncio")
 
 

@@ -9,14 +9,18 @@ from benchmarks.stream import Topic
 
 __all__ = ["keys_summary", "latency_summary", "markdown", "memory_summary", "scale_out_summary", "throughput_summary"]
 
-# Share of the baseline each framework mode should reach, as set for this suite.
-TARGETS = {
-    "framework_positional": ("baseline", 0.9),
-    "framework_batch": ("baseline", 0.9),
-    "framework_keyed": ("baseline", 0.75),
-    "framework_batch_keyed": ("baseline", 0.75),
-}
+# Share of the baseline each framework mode should reach, as set for this
+# suite: a batch handler 0.9 with positional dedup and 0.75 with a business
+# key; a per-message handler 0.6 in either dedup mode.
 PER_MESSAGE_TARGET = 0.6
+TARGETS = {
+    "framework_positional": ("baseline", PER_MESSAGE_TARGET),
+    "framework_batch": ("baseline", 0.9),
+    "framework_keyed": ("baseline", PER_MESSAGE_TARGET),
+    "framework_batch_keyed": ("baseline", 0.75),
+    "framework_deferred": ("baseline", PER_MESSAGE_TARGET),
+    "framework_deferred_keyed": ("baseline", PER_MESSAGE_TARGET),
+}
 
 
 def _median(runs: list[dict[str, Any]], field: str) -> float:

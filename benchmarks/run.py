@@ -39,8 +39,18 @@ FRAMEWORK_MODES: list[tuple[str, Callable[[], Any], str]] = [
     ("framework_batch", handlers.BatchPositionalHandler, "(b) batch handler (executemany), positional dedup only"),
     ("framework_keyed", handlers.KeyedHandler, "(c) per-message handler, Idempotency-Key header"),
     ("framework_batch_keyed", handlers.KeyedBatchHandler, "batch handler (executemany), Idempotency-Key header"),
+    (
+        "framework_deferred",
+        handlers.DeferredPositionalHandler,
+        "per-message handler deferring its INSERT (context.defer), positional dedup only",
+    ),
+    (
+        "framework_deferred_keyed",
+        handlers.DeferredKeyedHandler,
+        "per-message handler deferring its INSERT (context.defer), Idempotency-Key header",
+    ),
 ]
-KEYED_MODES = {"framework_keyed", "framework_batch_keyed"}
+KEYED_MODES = {"framework_keyed", "framework_batch_keyed", "framework_deferred_keyed"}
 REFERENCE_SYSTEMS = {
     "raw_drain": "raw aiokafka drain, no database (the ceiling)",
     "baseline": "at-least-once loop, executemany per fetch of up to 500",

@@ -30,6 +30,7 @@ import asyncpg
 import pydantic
 
 from consumer import errors
+from consumer.deferred import DeferredWrites
 from consumer.message import Message, RawMessage, decoded_as
 from consumer.retry import RetryPolicy
 from consumer.side_effects import SideEffects
@@ -63,6 +64,23 @@ class Context:
     # neither pays nothing for it.
     side_effects_factory: Callable[[], SideEffects] | None = None
     side_effects: SideEffects | None = None
+    # Where `defer` queues statements; None outside the batch transaction.
+    deferred: DeferredWrites | None = None
+
+    def defer(self, query: str, *args: Any) -> None:
+        """Queue `query` with `args` to run in this transaction once the handler calls of the batch are done.
+
+        Deferred statements run in the order they were queued, and each run of
+        the same statement text is sent as one ``executemany``, so a handler
+        that defers one INSERT per message costs one round trip per batch
+        instead of one per message. They commit or roll back with the batch
+        like any statement on ``connection``. A read in the same batch does
+        not see them yet: use ``connection.execute`` for a write that a later
+        message of the batch must read.
+        """
+        if self.deferred is None:
+            raise errors.ConsumerError("defer needs the batch transaction; this context has none")
+        self.deferred.add(query, args)
 
     def idempotency_key(self, name: str, message: Message[Any] | None = None) -> str:
         """Return a key for an outbound call, the same on every retry, redelivery and replay of the message.
@@ -276,23 +294,24 @@ class BatchHandler(Handler[PayloadT]):
 
 def build_message(handler: Handler[Any], raw: RawMessage) -> Message[Any]:
     """Decode `raw` and derive its idempotency key; raise `errors.DecodeError` on bad input."""
-    payload = handler.decode(raw)
-    message = decoded_as(raw, payload, None)
+    message = decoded_as(raw, handler.decode(raw), None)
     key = handler.idempotency_key(message)
     if key is None:
         return message
-    if key is not None:
-        if not isinstance(key, str) or not key:
-            raise errors.DecodeError(
-                f"{type(handler).__name__}.idempotency_key returned {key!r}; it must return a non-empty str or None",
-                reason="validation",
-            )
-        if len(key) > MAX_KEY_LENGTH:
-            raise errors.DecodeError(
-                f"idempotency key is {len(key)} characters long; the maximum is {MAX_KEY_LENGTH}",
-                reason="validation",
-            )
-    return decoded_as(raw, payload, key)
+    if not isinstance(key, str) or not key:
+        raise errors.DecodeError(
+            f"{type(handler).__name__}.idempotency_key returned {key!r}; it must return a non-empty str or None",
+            reason="validation",
+        )
+    if len(key) > MAX_KEY_LENGTH:
+        raise errors.DecodeError(
+            f"idempotency key is {len(key)} characters long; the maximum is {MAX_KEY_LENGTH}",
+            reason="validation",
+        )
+    # The key is set on the message the handler's idempotency_key saw, so
+    # each record builds one Message.
+    message.own_key = key
+    return message
 
 
 def load_handler(path: str) -> type[Handler[Any]]:

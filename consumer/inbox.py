@@ -64,6 +64,7 @@ import asyncpg
 
 from consumer import concurrency, dead_letters, errors, tracing
 from consumer.dead_letters import DeadLetterWriteError, ParkedKeys
+from consumer.deferred import DeferredWrites
 from consumer.handler import BatchHandler, Context, Handler, build_message
 from consumer.message import Message, RawMessage
 from consumer.retry import ErrorClass, RetryPolicy, classify
@@ -403,12 +404,35 @@ async def _run(
     savepoints: bool,
     should_stop: Callable[[], bool],
 ) -> None:
+    # Without savepoints every handler call of the batch defers into one
+    # buffer, sent once the calls are done; with them, each message sends
+    # its own inside its savepoint (see `_attempt`).
+    deferred = DeferredWrites()
     if not savepoints and isinstance(spec.handler, BatchHandler):
-        await _run_whole_batch(connection, spec, items, attempts, outcome, parked)
-        return
-    if not savepoints and spec.handler.ordering != "partition":
-        await _run_concurrently(connection, spec, items, attempts, outcome, parked)
-        return
+        await _run_whole_batch(connection, spec, items, attempts, outcome, parked, deferred)
+    elif not savepoints and spec.handler.ordering != "partition":
+        await _run_concurrently(connection, spec, items, attempts, outcome, parked, deferred)
+    else:
+        await _run_in_order(
+            connection, spec, items, attempts, outcome, parked, deferred, savepoints=savepoints, should_stop=should_stop
+        )
+    # A batch stopped early sends what the messages before the stop deferred:
+    # those messages commit.
+    await _send_deferred(connection, spec, items, deferred)
+
+
+async def _run_in_order(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    items: list[_Item],
+    attempts: dict[int, AttemptRecord],
+    outcome: BatchOutcome,
+    parked: ParkedKeys,
+    deferred: DeferredWrites,
+    *,
+    savepoints: bool,
+    should_stop: Callable[[], bool],
+) -> None:
     for index, item in enumerate(items):
         if should_stop():
             await _stop_at(connection, spec, items, index, outcome, failure=None)
@@ -416,7 +440,7 @@ async def _run(
         try:
             if await _settle_without_handler(connection, spec, item, outcome, parked):
                 continue
-            failure = await _run_one(connection, spec, item, attempts, outcome, parked, savepoints=savepoints)
+            failure = await _run_one(connection, spec, item, attempts, outcome, parked, deferred, savepoints=savepoints)
         except DeadLetterWriteError as exc:
             # Commit what came before the message; the partition stays at it.
             failure = exc
@@ -432,6 +456,7 @@ async def _run_concurrently(
     attempts: dict[int, AttemptRecord],
     outcome: BatchOutcome,
     parked: ParkedKeys,
+    deferred: DeferredWrites,
 ) -> None:
     """Run the batch's handler calls concurrently by key (see `consumer.concurrency`); any failure redoes it.
 
@@ -456,7 +481,8 @@ async def _run_concurrently(
             # Settled in the sequential redo, where its dead letter is written.
             raise RetryWithSavepoints(offset, errors.PermanentError("attempts used up"))
         try:
-            await _attempt(shared, spec, item, (record.count if record else 0) + 1, savepoints=False, outcome=outcome)
+            attempt = (record.count if record else 0) + 1
+            await _attempt(shared, spec, item, attempt, deferred, savepoints=False, outcome=outcome)
         except Exception as exc:
             _raise_if_connection_lost(connection, exc)
             error_class = classify(exc, spec.policy)
@@ -506,6 +532,7 @@ async def _run_whole_batch(
     attempts: dict[int, AttemptRecord],
     outcome: BatchOutcome,
     parked: ParkedKeys,
+    deferred: DeferredWrites,
 ) -> None:
     handler = spec.handler
     assert isinstance(handler, BatchHandler)
@@ -526,7 +553,7 @@ async def _run_whole_batch(
     messages = [item.message for item in runnable if item.message is not None]
     if not messages:
         return
-    context = _context(connection, spec, attempt=1)
+    context = _context(connection, spec, attempt=1, deferred=deferred)
     try:
         outcome.handler_calls += 1
         timeout = anyio.fail_after(spec.handler_timeout_s) if spec.handler_timeout_s else contextlib.nullcontext()
@@ -550,6 +577,7 @@ async def _run_one(
     attempts: dict[int, AttemptRecord],
     outcome: BatchOutcome,
     parked: ParkedKeys,
+    deferred: DeferredWrites,
     *,
     savepoints: bool,
 ) -> BaseException | None:
@@ -565,7 +593,7 @@ async def _run_one(
 
     attempt = (record.count if record else 0) + 1
     try:
-        await _attempt(connection, spec, item, attempt, savepoints=savepoints, outcome=outcome)
+        await _attempt(connection, spec, item, attempt, deferred, savepoints=savepoints, outcome=outcome)
     except Exception as exc:
         _raise_if_connection_lost(connection, exc)
         error_class = classify(exc, spec.policy)
@@ -590,6 +618,7 @@ async def _attempt(
     spec: BatchSpec,
     item: _Item,
     attempt: int,
+    deferred: DeferredWrites,
     *,
     savepoints: bool,
     outcome: BatchOutcome,
@@ -597,13 +626,19 @@ async def _attempt(
     if item.build_error is not None:
         raise item.build_error
     assert item.message is not None
-    context = _context(connection, spec, attempt=attempt, message=item.message)
     outcome.handler_calls += 1
     if savepoints:
+        own = DeferredWrites()
         async with connection.transaction():
-            await _call_handler(spec, item.message, context)
+            await _call_handler(
+                spec, item.message, _context(connection, spec, attempt=attempt, deferred=own, message=item.message)
+            )
+            # Inside the savepoint: a deferred statement that fails is this message's failure.
+            await own.flush(connection)
     else:
-        await _call_handler(spec, item.message, context)
+        await _call_handler(
+            spec, item.message, _context(connection, spec, attempt=attempt, deferred=deferred, message=item.message)
+        )
 
 
 async def _call_handler(spec: BatchSpec, message: Message[Any], context: Context) -> None:
@@ -755,7 +790,12 @@ def _raise_if_connection_lost(connection: asyncpg.Connection, exc: BaseException
 
 
 def _context(
-    connection: asyncpg.Connection, spec: BatchSpec, *, attempt: int, message: Message[Any] | None = None
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    *,
+    attempt: int,
+    deferred: DeferredWrites,
+    message: Message[Any] | None = None,
 ) -> Context:
     return Context(
         connection=connection,
@@ -765,7 +805,26 @@ def _context(
         logger=spec.handler_logger,
         message=message,
         side_effects_factory=spec.side_effects,
+        deferred=deferred,
     )
+
+
+async def _send_deferred(
+    connection: asyncpg.Connection, spec: BatchSpec, items: list[_Item], deferred: DeferredWrites
+) -> None:
+    """Send the statements the batch's handler calls deferred; a failure redoes the batch one message at a time."""
+    if not deferred:
+        return
+    try:
+        await deferred.flush(connection)
+    except Exception as exc:
+        _raise_if_connection_lost(connection, exc)
+        if classify(exc, spec.policy) is ErrorClass.INFRASTRUCTURE:
+            raise
+        # Which message deferred the failing statement is unknown, so none is
+        # charged an attempt: in the redo each message sends its own
+        # statements inside its savepoint, where a failure is its own.
+        raise RetryWithSavepoints(items[0].raw.offset, exc) from exc
 
 
 def _reason_for(exc: BaseException, error_class: ErrorClass) -> str:

@@ -18,7 +18,11 @@ def position_key(topic: str, partition: int, offset: int) -> str:
     return f"{topic}/{partition}/{offset}"
 
 
-@dataclass(frozen=True, slots=True)
+# Messages are plain slotted dataclasses rather than frozen ones: a frozen
+# dataclass sets each field through object.__setattr__, which costs about
+# 0.6 us per object, and two objects are built for every fetched record.
+# Treat both as read-only: the framework never changes them after building.
+@dataclass(slots=True)
 class RawMessage:
     """A Kafka record exactly as fetched: bytes are never altered."""
 
@@ -34,7 +38,8 @@ class RawMessage:
         """Return the first header value whose name matches `name`, ignoring case."""
         wanted = name.lower()
         for header_name, header_value in self.headers:
-            if header_name.lower() == wanted:
+            # The exact spelling is by far the most common: compare it before lowering.
+            if header_name == name or header_name.lower() == wanted:
                 return header_value
         return None
 
@@ -48,7 +53,7 @@ class RawMessage:
         return position_key(self.topic, self.partition, self.offset)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message(Generic[PayloadT]):
     """A decoded message handed to a handler.
 
@@ -106,4 +111,4 @@ class Message(Generic[PayloadT]):
 
 def decoded_as(raw: RawMessage, payload: Any, key: str | None) -> Message[Any]:
     """Build a `Message`, falling back to the position when `key` is None."""
-    return Message(raw=raw, payload=payload, own_key=key)
+    return Message(raw, payload, key)

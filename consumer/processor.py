@@ -158,7 +158,12 @@ class PartitionProcessor:
                         await self._wakeup.wait()
                         continue
                     batch = [self._pending.popleft() for _ in range(min(self._max_batch_size, len(self._pending)))]
-                    self._pending_bytes = sum(_size(record) for record in self._pending) if self._pending else 0
+                    self._pending_bytes -= sum(_size(record) for record in batch)
+                    if len(self._pending) < self._max_batch_size:
+                        # Less than one batch is left: fetch the next while
+                        # this one is applied, so the partition never waits
+                        # for a fetch round trip between two batches.
+                        self._hooks.resume(self.topic, self.partition)
                     self._busy = True
                     try:
                         await self._apply(batch)

@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 
 from consumer import dead_letters, errors
+from consumer.deferred import DeferredWrites
 from consumer.handler import Context, Handler, build_message, load_handler
 
 __all__ = ["RedriveResult", "redrive"]
@@ -146,14 +147,17 @@ async def _apply(
                     await connection.execute(queries.mark_resolved, dead_letter_id)
                     result.already_applied.append(dead_letter_id)
                     return True
+            deferred = DeferredWrites()
             context = Context(
                 connection=connection,
                 group_id=row["group_id"],
                 dedup_scope=row["dedup_scope"],
                 attempt=1,
                 logger=logging.getLogger(type(handler).__module__),
+                deferred=deferred,
             )
             await handler.handle(message, context)
+            await deferred.flush(connection)
     except (errors.InfrastructureError, asyncpg.PostgresConnectionError, ConnectionError):
         raise
     except Exception as exc:

@@ -41,6 +41,9 @@ __all__ = ["Worker"]
 
 logger = logging.getLogger(__name__)
 
+# Poll timeout while some partitions are full and others are read, in ms.
+_SHORT_POLL_MS = 10
+
 _POSITION_READ_ATTEMPTS = 5
 _GAUGE_INTERVAL_S = 5.0
 # How often idle partitions look for a replay or an offset gap, in seconds.
@@ -261,15 +264,32 @@ class Worker:
         assert consumer is not None
         poll_timeout_ms = int(self.settings.worker.poll_timeout_s * 1000)
         max_records = self.settings.kafka.fetch_max_records
-        # A partition is paused while its backlog contains two batches, which
-        # bounds memory and still lets the next batch be fetched during the
-        # current one.
+        # A partition has room while its backlog is under two batches: the
+        # next batch is fetched while the current one is applied, and memory
+        # stays bounded whatever the size of the topic's backlog.
         backlog_limit = 2 * self.settings.worker.max_batch_size
         bytes_limit = self.settings.worker.max_buffered_bytes
         with scope:
             while True:
                 poll_started_ns = time.time_ns()
-                fetched = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=max_records)
+                ready = self._partitions_with_room(backlog_limit, bytes_limit)
+                if ready:
+                    # Only partitions with room are read. aiokafka keeps what it
+                    # prefetched for the others (one fetch response each at
+                    # most) and hands it over once they have room; pausing them
+                    # instead would throw it away and fetch it again. While
+                    # some partition is full, polls are short, so it is read
+                    # again soon after its processor takes a batch.
+                    timeout_ms = poll_timeout_ms if len(ready) == len(self._processors) else _SHORT_POLL_MS
+                    fetched = await consumer.getmany(*ready, timeout_ms=timeout_ms, max_records=max_records)
+                else:
+                    # Every partition is full, or the byte bound is reached:
+                    # pause them all and keep polling, so the member stays in
+                    # the group however slow the handler is. Each processor
+                    # resumes its partition once less than a batch is left.
+                    assignment = consumer.assignment()
+                    consumer.pause(*(tp for tp in self._processors if tp in assignment))
+                    fetched = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=max_records)
                 self.last_poll_at = time.monotonic()
                 tracing.record_poll(fetched, self.group_id, poll_started_ns)
                 for tp, records in fetched.items():
@@ -278,9 +298,11 @@ class Worker:
                         continue
                     processor.submit([_raw(record) for record in records])
                     self.stats.fetched += len(records)
-                    if processor.backlog >= backlog_limit or self.buffered_bytes() >= bytes_limit:
-                        # Resumed by the processor once its queue is empty.
-                        consumer.pause(tp)
+
+    def _partitions_with_room(self, backlog_limit: int, bytes_limit: int) -> list[TopicPartition]:
+        if self.buffered_bytes() >= bytes_limit:
+            return []
+        return [tp for tp, processor in self._processors.items() if processor.backlog < backlog_limit]
 
     def buffered_bytes(self) -> int:
         """Key and value bytes fetched and not yet applied, over all partitions."""
@@ -650,12 +672,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 def _raw(record: ConsumerRecord[bytes, bytes]) -> RawMessage:
+    # Positional arguments: this runs for every fetched record.
     return RawMessage(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        headers=tuple(record.headers),
-        timestamp_ms=record.timestamp,
+        record.topic, record.partition, record.offset, record.key, record.value, tuple(record.headers), record.timestamp
     )

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import anyio
 
 from consumer import Context, Message
-from tests.support.handlers import INSERT_EFFECT, Order, OrderHandler, record_call, worker_name
+from tests.support.handlers import INSERT_EFFECT, Order, OrderBatchHandler, OrderHandler, record_call, worker_name
 
 
 class KeyedSlowHandler(OrderHandler):
@@ -51,3 +51,11 @@ def effect_order(rows: list[Any]) -> dict[str, list[int]]:
     for row in rows:
         by_key.setdefault(row["order_id"].split(":")[0], []).append(row["offset"])
     return by_key
+
+
+class SlowBatchHandler(OrderBatchHandler):
+    """Sleeps CONSUMER_TEST_SLEEP_S (default 0.05 s) per batch, so fetching runs far ahead of applying."""
+
+    async def handle_batch(self, messages: Any, context: Context) -> None:
+        await anyio.sleep(float(os.environ.get("CONSUMER_TEST_SLEEP_S", "0.05")))
+        await super().handle_batch(messages, context)

@@ -172,6 +172,39 @@ class OrderBatchHandler(BatchHandler[Order]):
         )
 
 
+class DeferredOrderHandler(OrderHandler):
+    """Defers its effect row and a ledger row instead of executing them.
+
+    The ledger row divides 100 by the amount, so an order of amount 0 makes
+    its deferred statement fail in the database, after the handler returned.
+    """
+
+    async def handle(self, message: Message[Order], context: Context) -> None:
+        key = message.idempotency_key
+        previous = await record_call(key)
+        await _maybe_fail(_hooks().get(key, {}), previous)
+        order = message.payload
+        context.defer(
+            INSERT_EFFECT,
+            key,
+            order.order_id,
+            order.amount,
+            message.topic,
+            message.partition,
+            message.offset,
+            worker_name(),
+        )
+        context.defer(
+            "INSERT INTO test_app.ledger (idem_key, amount) VALUES ($1, 100 / $2::integer)", key, order.amount
+        )
+
+
+class KeyOrderedDeferredHandler(DeferredOrderHandler):
+    """`DeferredOrderHandler` with concurrent calls per Kafka key."""
+
+    ordering = "key"
+
+
 class RawOrderHandler(OrderHandler):
     """Like OrderHandler, but takes any JSON (no model), for input-shape tests."""
 
