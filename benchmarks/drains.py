@@ -23,7 +23,7 @@ from benchmarks.stream import Topic
 
 __all__ = ["Drained", "baseline", "group_consumer", "raw_drain"]
 
-# Records one fetch returns, as the worker's default kafka.fetch_max_records.
+# Records one fetch returns: one transaction per 500 messages, the batch size of the worker (worker.max_batch_size).
 MAX_RECORDS = 500
 POLL_TIMEOUT_MS = 200
 # The smallest session timeout Kafka accepts by default, which keeps Tansu's join delay at 3 s.

@@ -105,7 +105,14 @@ class KafkaSettings(BaseModel):
         default=300.0, gt=0, description="Maximum time between two polls before the member is evicted, in seconds."
     )
     request_timeout_s: float = Field(default=40.0, gt=0, description="Broker request timeout, in seconds.")
-    fetch_max_records: int = Field(default=2000, ge=1, description="Maximum records returned by one poll.")
+    fetch_max_records: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Maximum records returned by one poll. Unset, a poll takes every record the client has prefetched: "
+            "at most one fetch response per partition."
+        ),
+    )
     isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
         default="read_committed",
         description="read_committed hides messages of aborted producer transactions.",

@@ -41,9 +41,6 @@ __all__ = ["Worker"]
 
 logger = logging.getLogger(__name__)
 
-# Poll timeout while some partitions are full and others are read, in ms.
-_SHORT_POLL_MS = 10
-
 _POSITION_READ_ATTEMPTS = 5
 _GAUGE_INTERVAL_S = 5.0
 # How often idle partitions look for a replay or an offset gap, in seconds.
@@ -263,46 +260,51 @@ class Worker:
         consumer = self._consumer
         assert consumer is not None
         poll_timeout_ms = int(self.settings.worker.poll_timeout_s * 1000)
+        # Unset, each poll takes everything the client prefetched: aiokafka
+        # sends no fetch to a broker while records of one of its partitions
+        # wait unread (up to 100 ms), which would starve the other partitions.
         max_records = self.settings.kafka.fetch_max_records
-        # A partition has room while its backlog is under two batches: the
-        # next batch is fetched while the current one is applied, and memory
-        # stays bounded whatever the size of the topic's backlog.
+        # A partition is paused once two batches of it are queued: the next
+        # batch is fetched while the current one is applied, and memory stays
+        # bounded whatever the size of the topic's backlog. Its processor
+        # resumes it once less than a batch is left.
         backlog_limit = 2 * self.settings.worker.max_batch_size
         bytes_limit = self.settings.worker.max_buffered_bytes
         with scope:
             while True:
                 poll_started_ns = time.time_ns()
-                ready = self._partitions_with_room(backlog_limit, bytes_limit)
-                if ready:
-                    # Only partitions with room are read. aiokafka keeps what it
-                    # prefetched for the others (one fetch response each at
-                    # most) and hands it over once they have room; pausing them
-                    # instead would throw it away and fetch it again. While
-                    # some partition is full, polls are short, so it is read
-                    # again soon after its processor takes a batch.
-                    timeout_ms = poll_timeout_ms if len(ready) == len(self._processors) else _SHORT_POLL_MS
-                    fetched = await consumer.getmany(*ready, timeout_ms=timeout_ms, max_records=max_records)
-                else:
-                    # Every partition is full, or the byte bound is reached:
-                    # pause them all and keep polling, so the member stays in
-                    # the group however slow the handler is. Each processor
-                    # resumes its partition once less than a batch is left.
-                    assignment = consumer.assignment()
-                    consumer.pause(*(tp for tp in self._processors if tp in assignment))
-                    fetched = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=max_records)
+                fetched = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=max_records)
                 self.last_poll_at = time.monotonic()
                 tracing.record_poll(fetched, self.group_id, poll_started_ns)
                 for tp, records in fetched.items():
-                    processor = self._processors.get(tp)
-                    if processor is None:
-                        continue
-                    processor.submit([_raw(record) for record in records])
-                    self.stats.fetched += len(records)
+                    self._submit(tp, records)
+                await self._pause_full(consumer, backlog_limit, bytes_limit, max_records)
 
-    def _partitions_with_room(self, backlog_limit: int, bytes_limit: int) -> list[TopicPartition]:
+    def _submit(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        processor = self._processors.get(tp)
+        if processor is None:
+            return
+        processor.submit([_raw(record) for record in records])
+        self.stats.fetched += len(records)
+
+    async def _pause_full(
+        self, consumer: AIOKafkaConsumer, backlog_limit: int, bytes_limit: int, max_records: int | None
+    ) -> None:
+        """Pause the partitions with a full queue, or every partition once the byte bound is reached."""
+        assignment = consumer.assignment()
         if self.buffered_bytes() >= bytes_limit:
-            return []
-        return [tp for tp, processor in self._processors.items() if processor.backlog < backlog_limit]
+            consumer.pause(*(tp for tp in self._processors if tp in assignment))
+            return
+        paused = consumer.paused()
+        for tp, processor in list(self._processors.items()):
+            if processor.backlog < backlog_limit or tp in paused or tp not in assignment:
+                continue
+            # aiokafka discards what it prefetched for a partition when it is
+            # paused, and would fetch it again after the resume. Take it first:
+            # it is in memory already, so the call does not wait, and nothing
+            # runs between its return and the pause.
+            self._submit(tp, (await consumer.getmany(tp, timeout_ms=0, max_records=max_records)).get(tp, []))
+            consumer.pause(tp)
 
     def buffered_bytes(self) -> int:
         """Key and value bytes fetched and not yet applied, over all partitions."""
