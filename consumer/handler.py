@@ -70,10 +70,10 @@ class Context:
     def defer(self, query: str, *args: Any) -> None:
         """Queue `query` with `args` to run in this transaction once the handler calls of the batch are done.
 
-        Deferred statements run in the order they were queued, and each run of
-        the same statement text is sent as one ``executemany``, so a handler
-        that defers one INSERT per message costs one round trip per batch
-        instead of one per message. They commit or roll back with the batch
+        Deferred statements run in the order they were queued. Each run of
+        consecutive statements with the same text is sent as one
+        ``executemany``, so a handler that defers one INSERT per message costs
+        one round trip per batch instead of one per message. They commit or roll back with the batch
         like any statement on ``connection``. A read in the same batch does
         not see them yet: use ``connection.execute`` for a write that a later
         message of the batch must read.

@@ -17,9 +17,11 @@ transaction that:
    same key arriving on another partition at the same time), the insert waits
    for it: when that one commits, this message is a duplicate; when it rolls
    back, this transaction takes the claim and applies the message.
-3. calls the handler for the rest, in offset order, on the same connection.
-   When a handler raises, the batch is redone with a savepoint per message,
-   so only the failing message's effects are rolled back.
+3. calls the handler for the rest, in offset order, on the same connection,
+   then sends the statements the calls deferred (`Context.defer`). When a
+   handler or a deferred statement fails, the batch is redone with a
+   savepoint per message, so only the failing message's effects are rolled
+   back.
 4. writes a dead letter (raw key, value and headers, position, attempts and
    errors) for a message that cannot be applied, then moves past it. With
    ``failure_mode = "park"`` the message's Kafka key is parked instead, and
@@ -404,9 +406,9 @@ async def _run(
     savepoints: bool,
     should_stop: Callable[[], bool],
 ) -> None:
-    # Without savepoints every handler call of the batch defers into one
-    # buffer, sent once the calls are done; with them, each message sends
-    # its own inside its savepoint (see `_attempt`).
+    # Without savepoints, every handler call of the batch defers into this
+    # buffer, sent once the calls are done. With savepoints, each message
+    # sends its own statements inside its savepoint (see `_attempt`).
     deferred = DeferredWrites()
     if not savepoints and isinstance(spec.handler, BatchHandler):
         await _run_whole_batch(connection, spec, items, attempts, outcome, parked, deferred)
@@ -484,14 +486,8 @@ async def _run_concurrently(
             attempt = (record.count if record else 0) + 1
             await _attempt(shared, spec, item, attempt, deferred, savepoints=False, outcome=outcome)
         except Exception as exc:
-            _raise_if_connection_lost(connection, exc)
-            error_class = classify(exc, spec.policy)
-            if error_class is ErrorClass.INFRASTRUCTURE:
+            if _charge_failure(connection, spec, attempts, offset, exc) is None:
                 raise
-            failed = attempts.setdefault(offset, AttemptRecord())
-            failed.add(exc)
-            if error_class is ErrorClass.PERMANENT:
-                failed.give_up_reason = _reason_for(exc, error_class)
             raise RetryWithSavepoints(offset, exc) from exc
         outcome.applied += 1
 
@@ -595,14 +591,10 @@ async def _run_one(
     try:
         await _attempt(connection, spec, item, attempt, deferred, savepoints=savepoints, outcome=outcome)
     except Exception as exc:
-        _raise_if_connection_lost(connection, exc)
-        error_class = classify(exc, spec.policy)
-        if error_class is ErrorClass.INFRASTRUCTURE:
+        charged = _charge_failure(connection, spec, attempts, offset, exc)
+        if charged is None:
             raise
-        record = attempts.setdefault(offset, AttemptRecord())
-        record.add(exc)
-        if error_class is ErrorClass.PERMANENT:
-            record.give_up_reason = _reason_for(exc, error_class)
+        record, error_class = charged
         if not savepoints:
             raise RetryWithSavepoints(offset, exc) from exc
         if error_class is ErrorClass.PERMANENT or record.count >= spec.policy.max_attempts:
@@ -611,6 +603,30 @@ async def _run_one(
         return exc
     outcome.applied += 1
     return None
+
+
+def _charge_failure(
+    connection: asyncpg.Connection,
+    spec: BatchSpec,
+    attempts: dict[int, AttemptRecord],
+    offset: int,
+    exc: Exception,
+) -> tuple[AttemptRecord, ErrorClass] | None:
+    """Count a failed handler call against its message and classify the error.
+
+    Return None for an infrastructure error, which the caller re-raises
+    without charging the message. A lost connection raises
+    `errors.InfrastructureError` here.
+    """
+    _raise_if_connection_lost(connection, exc)
+    error_class = classify(exc, spec.policy)
+    if error_class is ErrorClass.INFRASTRUCTURE:
+        return None
+    record = attempts.setdefault(offset, AttemptRecord())
+    record.add(exc)
+    if error_class is ErrorClass.PERMANENT:
+        record.give_up_reason = _reason_for(exc, error_class)
+    return record, error_class
 
 
 async def _attempt(
@@ -627,18 +643,16 @@ async def _attempt(
         raise item.build_error
     assert item.message is not None
     outcome.handler_calls += 1
-    if savepoints:
-        own = DeferredWrites()
-        async with connection.transaction():
-            await _call_handler(
-                spec, item.message, _context(connection, spec, attempt=attempt, deferred=own, message=item.message)
-            )
-            # Inside the savepoint: a deferred statement that fails is this message's failure.
-            await own.flush(connection)
-    else:
-        await _call_handler(
-            spec, item.message, _context(connection, spec, attempt=attempt, deferred=deferred, message=item.message)
-        )
+    if not savepoints:
+        context = _context(connection, spec, attempt=attempt, deferred=deferred, message=item.message)
+        await _call_handler(spec, item.message, context)
+        return
+    own = DeferredWrites()
+    context = _context(connection, spec, attempt=attempt, deferred=own, message=item.message)
+    async with connection.transaction():
+        await _call_handler(spec, item.message, context)
+        # Inside the savepoint, so a deferred statement that fails is this message's failure.
+        await own.flush(connection)
 
 
 async def _call_handler(spec: BatchSpec, message: Message[Any], context: Context) -> None:

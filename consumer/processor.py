@@ -160,9 +160,9 @@ class PartitionProcessor:
                     batch = [self._pending.popleft() for _ in range(min(self._max_batch_size, len(self._pending)))]
                     self._pending_bytes -= sum(_size(record) for record in batch)
                     if len(self._pending) < self._max_batch_size:
-                        # Less than one batch is left: fetch the next while
-                        # this one is applied, so the partition never waits
-                        # for a fetch round trip between two batches.
+                        # Less than one batch is left, so fetch the next one
+                        # while this one is applied. The records usually
+                        # arrive before this batch is done.
                         self._hooks.resume(self.topic, self.partition)
                     self._busy = True
                     try:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -47,6 +48,15 @@ _GAUGE_INTERVAL_S = 5.0
 _POSITION_CHECK_INTERVAL_S = 2.0
 # Table sizes are counted every 12th round of the gauges, once a minute.
 _TABLE_GAUGE_EVERY = 12
+
+
+@dataclass(frozen=True, slots=True)
+class _FailureLog:
+    """The log line of a failed round of a periodic side task: what failed, its action and the ids."""
+
+    what: str
+    action: str
+    ids: dict[str, str] = field(default_factory=dict)
 
 
 class Worker:
@@ -381,20 +391,29 @@ class Worker:
 
     # -- idle partitions ------------------------------------------------------
 
-    async def _position_loop(self) -> None:
+    async def _periodically(self, interval_s: float, task: Callable[[], Awaitable[None]], failure: _FailureLog) -> None:
+        """Run `task` every `interval_s` seconds; a recoverable failure is logged and retried at the next interval."""
         while True:
-            await anyio.sleep(_POSITION_CHECK_INTERVAL_S)
+            await anyio.sleep(interval_s)
             try:
-                await self._check_idle_positions()
+                await task()
             except Exception as exc:
                 if not retry.is_side_task_recoverable(exc):
                     raise
                 logger.warning(
-                    "position check failed, retrying at the next interval: %s: %s",
+                    "%s failed, retrying at the next interval: %s: %s",
+                    failure.what,
                     type(exc).__name__,
                     exc,
-                    extra={"action": "position_check_failed", "group_id": self.group_id},
+                    extra={"action": failure.action, **failure.ids},
                 )
+
+    async def _position_loop(self) -> None:
+        await self._periodically(
+            _POSITION_CHECK_INTERVAL_S,
+            self._check_idle_positions,
+            _FailureLog("position check", "position_check_failed", {"group_id": self.group_id}),
+        )
 
     async def _check_idle_positions(self) -> None:
         """Let idle partitions follow a replay, and move their position over offsets without records.
@@ -432,36 +451,31 @@ class Worker:
     # -- retention ------------------------------------------------------------
 
     async def _prune_loop(self) -> None:
+        await self._periodically(
+            self.settings.worker.prune_interval_s,
+            self._prune,
+            _FailureLog("pruning", "inbox_prune_failed", {"dedup_scope": self.dedup_scope}),
+        )
+
+    async def _prune(self) -> None:
+        """Delete dedup records and stored step results older than the retention, in small batches."""
         assert self._pool is not None
         worker_settings = self.settings.worker
-        queries = db.load_queries("replay.sql", self.settings.postgres.schema_name)
-        side_queries = db.load_queries("side_effects.sql", self.settings.postgres.schema_name)
-        while True:
-            await anyio.sleep(worker_settings.prune_interval_s)
-            try:
-                await retention.prune(
-                    self._pool,
-                    queries,
-                    self.dedup_scope,
-                    retention_s=worker_settings.inbox_retention_s,
-                    batch_size=worker_settings.prune_batch_size,
-                )
-                await retention.prune_side_effects(
-                    self._pool,
-                    side_queries,
-                    self.dedup_scope,
-                    retention_s=worker_settings.inbox_retention_s,
-                    batch_size=worker_settings.prune_batch_size,
-                )
-            except Exception as exc:
-                if not retry.is_side_task_recoverable(exc):
-                    raise
-                logger.warning(
-                    "pruning failed, retrying at the next interval: %s: %s",
-                    type(exc).__name__,
-                    exc,
-                    extra={"action": "inbox_prune_failed", "dedup_scope": self.dedup_scope},
-                )
+        schema = self.settings.postgres.schema_name
+        await retention.prune(
+            self._pool,
+            db.load_queries("replay.sql", schema),
+            self.dedup_scope,
+            retention_s=worker_settings.inbox_retention_s,
+            batch_size=worker_settings.prune_batch_size,
+        )
+        await retention.prune_side_effects(
+            self._pool,
+            db.load_queries("side_effects.sql", schema),
+            self.dedup_scope,
+            retention_s=worker_settings.inbox_retention_s,
+            batch_size=worker_settings.prune_batch_size,
+        )
 
     # -- gauges -------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 A partition is paused once two batches of it are queued. Before the pause,
 the worker takes what the client already prefetched for it (one more poll),
-so its queue holds at most two batches and two polls. Every partition is
+so its queue contains at most two batches and two polls. Every partition is
 paused once the buffered key and value bytes reach
 ``worker.max_buffered_bytes``, which the last poll can exceed by one poll.
 """
