@@ -306,15 +306,22 @@ class Worker:
             consumer.pause(*(tp for tp in self._processors if tp in assignment))
             return
         paused = consumer.paused()
-        for tp, processor in list(self._processors.items()):
-            if processor.backlog < backlog_limit or tp in paused or tp not in assignment:
-                continue
+        full = [
+            tp
+            for tp, processor in self._processors.items()
+            if processor.backlog >= backlog_limit and tp in assignment and tp not in paused
+        ]
+        for tp in full:
             # aiokafka discards what it prefetched for a partition when it is
             # paused, and would fetch it again after the resume. Take it first:
             # it is in memory already, so the call does not wait, and nothing
             # runs between its return and the pause.
-            self._submit(tp, (await consumer.getmany(tp, timeout_ms=0, max_records=max_records)).get(tp, []))
-            consumer.pause(tp)
+            records = await consumer.getmany(tp, timeout_ms=0, max_records=max_records)
+            self._submit(tp, records.get(tp, []))
+            # During a rebalance getmany waits for the new assignment, which
+            # may no longer contain the partition. Pausing it would raise.
+            if tp in consumer.assignment():
+                consumer.pause(tp)
 
     def buffered_bytes(self) -> int:
         """Key and value bytes fetched and not yet applied, over all partitions."""
