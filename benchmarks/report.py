@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+from pathlib import Path
 from typing import Any
 
 from benchmarks.stream import Topic
 
-__all__ = ["keys_summary", "latency_summary", "markdown", "memory_summary", "scale_out_summary", "throughput_summary"]
+__all__ = [
+    "keys_summary",
+    "latency_summary",
+    "markdown",
+    "memory_summary",
+    "scale_out_summary",
+    "throughput_summary",
+    "update_docs",
+]
+
+DOCS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+# The generated tables of a run go between these two lines of the docs page.
+START_MARKER = "<!-- generated tables: start -->"
+END_MARKER = "<!-- generated tables: end -->"
 
 # Share of the baseline each framework mode should reach, as set for this
 # suite: a batch handler 0.9 with positional dedup and 0.75 with a business
@@ -112,7 +128,7 @@ def scale_out_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     """Return the tables of `results` as Markdown."""
-    parts = [f"Command: `{results['command']}`", ""]
+    parts = [f"Command: `{results['command'].strip()}`", ""]
     if "throughput" in results:
         parts += _throughput_table(results["throughput"])
     if "keys" in results:
@@ -204,3 +220,44 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return [*lines, ""]
+
+
+def update_docs(results: dict[str, Any], results_path: Path, page: Path = DOCS_PAGE) -> None:
+    """Replace the generated section of `page` with the machine, command and tables of `results`."""
+    text = page.read_text()
+    if START_MARKER not in text or END_MARKER not in text:
+        raise SystemExit(f"{page} has no section between {START_MARKER!r} and {END_MARKER!r}; add the two lines")
+    machine = results.get("machine", {})
+    lines = [
+        START_MARKER,
+        "",
+        f"Generated from `{results_path.name}` of {results.get('date', 'an unknown date')} by "
+        f"`python -m benchmarks.report {results_path.name}`.",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in machine.items()),
+        "",
+        markdown(results).rstrip(),
+        "",
+        END_MARKER,
+    ]
+    before = text[: text.index(START_MARKER)]
+    after = text[text.index(END_MARKER) + len(END_MARKER) :]
+    page.write_text(before + "\n".join(lines) + after)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description="Write the tables of a results file into the generated section of docs/benchmarks.md.",
+    )
+    parser.add_argument("results", type=Path, help="A results file, such as benchmarks/results/2026-12-05.json.")
+    args = parser.parse_args(argv)
+    path = args.results if args.results.exists() else Path(__file__).resolve().parent / "results" / args.results
+    update_docs(json.loads(path.read_text()), path)
+    print(f"updated {DOCS_PAGE}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -86,7 +86,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", default="1,2,4", help="Worker process counts of the scale-out scenario.")
     parser.add_argument("--seed", type=int, default=1, help="Seed of the generated messages.")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="Also write the tables into the generated section of docs/benchmarks.md.",
+    )
     parser.add_argument("--output", type=Path, help="Results file (default benchmarks/results/<date>.json).")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="Also write the tables into the generated section of docs/benchmarks.md.",
+    )
     return parser.parse_args(argv)
 
 
@@ -341,6 +351,9 @@ def cli(argv: list[str] | None = None) -> None:
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(report.markdown(results))
     _log(f"results written to {output}")
+    if args.write_docs:
+        report.update_docs(results, output)
+        _log(f"tables written to {report.DOCS_PAGE}")
 
 
 if __name__ == "__main__":
