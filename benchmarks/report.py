@@ -26,8 +26,8 @@ START_MARKER = "<!-- generated tables: start -->"
 END_MARKER = "<!-- generated tables: end -->"
 
 # Share of the baseline each framework mode should reach, as set for this
-# suite: a batch handler 0.9 with positional dedup and 0.75 with a business
-# key; a per-message handler 0.6 in either dedup mode.
+# suite. A batch handler should reach 0.9 with positional dedup and 0.75 with
+# a business key, and a per-message handler 0.6 in either dedup mode.
 PER_MESSAGE_TARGET = 0.6
 TARGETS = {
     "framework_positional": ("baseline", PER_MESSAGE_TARGET),

@@ -1,4 +1,4 @@
-"""The generated section of the benchmarks page: replaced between its markers, refused without them."""
+"""The generated section of the benchmarks page: replaced between its markers, rejected without them."""
 
 from __future__ import annotations
 
