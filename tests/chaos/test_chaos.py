@@ -1,7 +1,7 @@
 """A short seeded chaos run: every message is applied once despite kills, zombies, lost connections and a replay.
 
-The run takes 80 to 100 s: a 60 s fault window with 2,000 logical messages
-published over its first 48 s, then the drain. ``CONSUMER_TEST_CHAOS_SEED``
+The run takes 60 to 80 s: a 45 s fault window with 1,500 logical messages
+published over its first 36 s, then the drain. ``CONSUMER_TEST_CHAOS_SEED``
 replaces the seed, to repeat a failing run or to try others.
 """
 
@@ -28,9 +28,9 @@ HANDLER_FAULTS = ("handler_transient", "handler_permanent", "handler_sleep")
 def short_run() -> driver.ChaosConfig:
     return driver.ChaosConfig(
         seed=int(os.environ.get(SEED_VAR, "7")),
-        duration_s=60.0,
-        messages=2000,
-        mean_fault_interval_s=2.0,
+        duration_s=45.0,
+        messages=1500,
+        mean_fault_interval_s=1.5,
         replays=1,
         drain_timeout_s=90.0,
     )
