@@ -116,3 +116,23 @@ async def test_key_ordering_shares_deferred_buffer(
     assert await _ledger(rows) == [(key, 100) for key in KEYS]
     for key in KEYS:
         assert await rows.invocations(key) == 1, key
+
+
+async def test_batch_handler_deferred_failure_isolated(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], app_database: str, rows: Rows
+) -> None:
+    topic = topic_factory()
+    group_id = helpers.unique_group()
+    config = helpers.worker_settings(kafka_bootstrap, app_database, topic, group_id)
+    records = [order_record(key, amount=0 if key == "d-6" else 10) for key in KEYS]
+    await kafka.produce(kafka_bootstrap, topic, records)
+
+    async with helpers.running_worker(handlers.DeferredBatchHandler(), config):
+        await rows.wait_for_next_offsets(group_id, topic, {0: len(KEYS)})
+    dead = await rows.dead_letters()
+
+    applied = [key for key in KEYS if key != "d-6"]
+    assert sorted(await rows.effect_keys()) == applied
+    assert await _ledger(rows) == [(key, 10) for key in applied]
+    assert [(row["offset"], row["idempotency_key"]) for row in dead] == [(6, "d-6")]
+    assert dead[0]["last_error_type"] == "DivisionByZeroError"

@@ -199,6 +199,29 @@ class DeferredOrderHandler(OrderHandler):
         )
 
 
+class DeferredBatchHandler(OrderBatchHandler):
+    """Defers one effect row and one ledger row per message of the batch; amount 0 fails like `DeferredOrderHandler`."""
+
+    async def handle_batch(self, messages: Any, context: Context) -> None:
+        for message in messages:
+            key = message.idempotency_key
+            await record_call(key)
+            order = message.payload
+            context.defer(
+                INSERT_EFFECT,
+                key,
+                order.order_id,
+                order.amount,
+                message.topic,
+                message.partition,
+                message.offset,
+                worker_name(),
+            )
+            context.defer(
+                "INSERT INTO test_app.ledger (idem_key, amount) VALUES ($1, 100 / $2::integer)", key, order.amount
+            )
+
+
 class KeyOrderedDeferredHandler(DeferredOrderHandler):
     """`DeferredOrderHandler` with concurrent calls per Kafka key."""
 
