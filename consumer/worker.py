@@ -54,7 +54,7 @@ _TABLE_GAUGE_EVERY = 12
 class _FailureLog:
     """The log line of a failed round of a periodic side task: what failed, its action and the ids."""
 
-    what: str
+    task: str
     action: str
     ids: dict[str, str] = field(default_factory=dict)
 
@@ -409,7 +409,7 @@ class Worker:
                     raise
                 logger.warning(
                     "%s failed, retrying at the next interval: %s: %s",
-                    failure.what,
+                    failure.task,
                     type(exc).__name__,
                     exc,
                     extra={"action": failure.action, **failure.ids},

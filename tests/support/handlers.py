@@ -172,6 +172,23 @@ class OrderBatchHandler(BatchHandler[Order]):
         )
 
 
+def _defer_effect_and_ledger(message: Message[Order], context: Context) -> None:
+    """Defer the effect row and a ledger row that divides 100 by the amount, so an amount of 0 fails."""
+    order = message.payload
+    key = message.idempotency_key
+    context.defer(
+        INSERT_EFFECT,
+        key,
+        order.order_id,
+        order.amount,
+        message.topic,
+        message.partition,
+        message.offset,
+        worker_name(),
+    )
+    context.defer("INSERT INTO test_app.ledger (idem_key, amount) VALUES ($1, 100 / $2::integer)", key, order.amount)
+
+
 class DeferredOrderHandler(OrderHandler):
     """Defers its effect row and a ledger row instead of executing them.
 
@@ -183,43 +200,16 @@ class DeferredOrderHandler(OrderHandler):
         key = message.idempotency_key
         previous = await record_call(key)
         await _maybe_fail(_hooks().get(key, {}), previous)
-        order = message.payload
-        context.defer(
-            INSERT_EFFECT,
-            key,
-            order.order_id,
-            order.amount,
-            message.topic,
-            message.partition,
-            message.offset,
-            worker_name(),
-        )
-        context.defer(
-            "INSERT INTO test_app.ledger (idem_key, amount) VALUES ($1, 100 / $2::integer)", key, order.amount
-        )
+        _defer_effect_and_ledger(message, context)
 
 
 class DeferredBatchHandler(OrderBatchHandler):
-    """Defers one effect row and one ledger row per message of the batch; amount 0 fails like `DeferredOrderHandler`."""
+    """Defers the rows of `DeferredOrderHandler` for each message of the batch, in one call."""
 
     async def handle_batch(self, messages: Any, context: Context) -> None:
         for message in messages:
-            key = message.idempotency_key
-            await record_call(key)
-            order = message.payload
-            context.defer(
-                INSERT_EFFECT,
-                key,
-                order.order_id,
-                order.amount,
-                message.topic,
-                message.partition,
-                message.offset,
-                worker_name(),
-            )
-            context.defer(
-                "INSERT INTO test_app.ledger (idem_key, amount) VALUES ($1, 100 / $2::integer)", key, order.amount
-            )
+            await record_call(message.idempotency_key)
+            _defer_effect_and_ledger(message, context)
 
 
 class KeyOrderedDeferredHandler(DeferredOrderHandler):
